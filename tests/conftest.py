@@ -1,0 +1,39 @@
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run through the interpreter: a logic check, not a
+    # numerics oracle. It must be set before any @triton.jit function is created.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tinykern import backends  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKEND_CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in backends.BACKENDS
+                 if not (d == "cpu" and b == "cuda") and not (d == "cuda" and b == "cpu")]
+
+
+@contextlib.contextmanager
+def forced(op, backend, device):
+    """Run the body with `backend` forced, or skip the test saying why it cannot run."""
+    reason = backends.unavailable_reason(backend, torch.device(device).type, op)
+    if reason is not None:
+        pytest.skip(reason)
+    with backends.backend(backend):
+        yield
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected||, in float64."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture
+def gen():
+    """A seeded CPU generator: fresh random data per test, reproducible across runs."""
+    return torch.Generator().manual_seed(1234)

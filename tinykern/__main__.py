@@ -1,0 +1,24 @@
+"""The tinykern command line: `python -m tinykern info|demo`."""
+
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="tinykern", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("info", help="versions, built and usable backends, build flags")
+    demo = commands.add_parser("demo", help="quantize an SD1.5-shaped layer stack and print what it saves")
+    demo.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from tinykern.info import report
+
+        print(report())
+    elif args.command == "demo":
+        from tinykern.demo import run
+
+        run(args.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Which implementation runs an op on a device: "triton", "cuda", "cpu" or "torch".
+
+"cpu" and "cuda" are the C++/CUDA kernels of tinykern._C, "triton" the Triton kernels, "torch"
+the plain-torch reference. Implementations register here; `auto` takes the first available
+one in AUTO_ORDER, and a forced backend that cannot run raises instead of falling back.
+"""
+
+import contextlib
+import contextvars
+import importlib
+import os
+
+from tinykern import _ext
+
+BACKENDS = ("triton", "cuda", "cpu", "torch")
+
+# Preference of `auto` per device type. On CUDA the Triton kernels come first, the CUDA
+# kernels second; on CPU the C++ kernels beat the reference in bench/bench_q4k_matmul.py.
+# Triton on CPU (the interpreter) is a correctness tool and is never picked by `auto`.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
+
+_IMPLS = {}
+_forced = contextvars.ContextVar("tinykern_backend", default=None)
+_loaded = set()
+# Modules that register implementations of each backend, imported on first use.
+_PROVIDERS = {
+    "torch": ("tinykern.kernels.torch",),
+    "cpu": ("tinykern.kernels.native",),
+    "cuda": ("tinykern.kernels.native",),
+    "triton": ("tinykern.kernels.triton",),
+}
+
+
+def register(op, backend):
+    """Decorator: `fn` implements `op` on `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def decorate(fn):
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return decorate
+
+
+@contextlib.contextmanager
+def backend(name):
+    """Force `name` for every op called in this context (`"auto"` restores the default)."""
+    token = _forced.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def current():
+    """The forced backend (context manager first, then TINYKERN_BACKEND), or "auto"."""
+    return _forced.get() or _check_name(os.environ.get("TINYKERN_BACKEND", "auto"))
+
+
+def unavailable_reason(name, device_type, op=None):
+    """Why backend `name` cannot run (op) on `device_type`, or None when it can."""
+    if name == "torch":
+        reason = None
+    elif name in ("cpu", "cuda"):
+        if device_type != name:
+            return f"the {name} backend runs on {name} tensors, not {device_type}"
+        if not _ext.available():
+            return f"tinykern._C is not built ({_ext.ERROR})"
+        if name == "cuda" and not _ext.runtime_info()["cuda"]:
+            return "tinykern._C was built without its CUDA sources (no nvcc or a CPU torch)"
+        reason = None
+    elif name == "triton":
+        reason = _triton_reason(device_type)
+    else:
+        return f"unknown backend {name!r}"
+    if reason is None and op is not None:
+        _load(name)
+        if (op, name) not in _IMPLS:
+            return f"the {name} backend has no {op} kernel"
+    return reason
+
+
+def resolve(op, device):
+    """(backend name, implementation) that runs `op` on `device` under the current setting."""
+    device_type = device.type if hasattr(device, "type") else str(device)
+    wanted = current()
+    if wanted != "auto":
+        reason = unavailable_reason(wanted, device_type, op)
+        if reason is not None:
+            raise RuntimeError(f"tinykern backend {wanted!r} cannot run {op} on {device_type}: {reason}")
+        return wanted, _IMPLS[(op, wanted)]
+    for name in AUTO_ORDER.get(device_type, ("torch",)):
+        if unavailable_reason(name, device_type, op) is None:
+            return name, _IMPLS[(op, name)]
+    raise RuntimeError(f"no tinykern backend implements {op} on {device_type}")
+
+
+def _load(name):
+    for module in _PROVIDERS[name]:
+        if module not in _loaded:
+            importlib.import_module(module)
+            _loaded.add(module)
+
+
+def _triton_reason(device_type):
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels are not built for {device_type}"
+    return None
+
+
+def _check_name(name):
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown tinykern backend {name!r}; expected 'auto' or one of {BACKENDS}")
+    return name

@@ -1,0 +1,84 @@
+"""GGUF tensors in and out, through the `gguf` package. Q4_K and Q8_0 stay packed."""
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf.constants import GGML_QUANT_SIZES
+
+_DENSE = {
+    GGMLQuantizationType.F32: torch.float32,
+    GGMLQuantizationType.F16: torch.float16,
+    GGMLQuantizationType.BF16: torch.bfloat16,
+}
+_PACKED = (GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q8_0)
+
+
+@dataclasses.dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file.
+
+    type: the GGML type name ("Q4_K", "Q8_0", "F16", "F32", "BF16", or another GGML type).
+    shape: the logical shape, rows first as in torch.
+    data: for Q4_K/Q8_0 the packed blocks, uint8 [*shape[:-1], shape[-1]/block*block_bytes];
+        for F16/F32/BF16 the dense tensor; for other types the raw bytes as the file has them.
+    """
+
+    name: str
+    type: str
+    shape: tuple
+    data: torch.Tensor
+
+
+def read_gguf(path):
+    """Yield the GGUFTensor of every tensor in the GGUF file `path` (copied into memory)."""
+    path = os.fspath(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damage
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    for t in reader.tensors:
+        ggml_type = GGMLQuantizationType(t.tensor_type)
+        shape = tuple(int(n) for n in reversed(t.shape))
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        expected = int(np.prod(shape)) // block * block_bytes
+        if t.data.nbytes != expected:
+            raise ValueError(f"{path}: tensor {t.name!r} holds {t.data.nbytes} bytes, {expected} expected for {ggml_type.name} {list(shape)}")
+        raw = torch.from_numpy(np.array(t.data))
+        if ggml_type in _DENSE:
+            data = raw.reshape(-1).view(torch.uint8).view(_DENSE[ggml_type]).reshape(shape)
+        elif ggml_type in _PACKED:
+            data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+        else:
+            data = raw
+        yield GGUFTensor(t.name, ggml_type.name, shape, data)
+
+
+def write_gguf(path, tensors, arch="tinykern"):
+    """Write GGUFTensors (or {name: dense torch tensor}) to the GGUF file `path`."""
+    if isinstance(tensors, dict):
+        tensors = [v if isinstance(v, GGUFTensor) else dense_tensor(k, v) for k, v in tensors.items()]
+    writer = GGUFWriter(os.fspath(path), arch)
+    for t in tensors:
+        ggml_type = GGMLQuantizationType[t.type]
+        data = t.data.detach().cpu().contiguous()
+        if ggml_type in _DENSE:
+            array = data.to(_DENSE[ggml_type]).view(torch.uint8 if ggml_type == GGMLQuantizationType.BF16 else data.dtype).numpy()
+            if ggml_type == GGMLQuantizationType.BF16:
+                array = array.reshape(*t.shape[:-1], t.shape[-1] * 2)
+            writer.add_tensor(t.name, array, raw_dtype=ggml_type)
+        else:
+            writer.add_tensor(t.name, data.numpy(), raw_dtype=ggml_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def dense_tensor(name, tensor):
+    """A GGUFTensor holding `tensor` as F32, F16 or BF16 (other dtypes become F32)."""
+    types = {torch.float16: "F16", torch.bfloat16: "BF16"}
+    kind = types.get(tensor.dtype, "F32")
+    return GGUFTensor(name, kind, tuple(tensor.shape), tensor if kind != "F32" else tensor.float())

@@ -1,0 +1,1 @@
+"""Op implementations, one subpackage or module per backend: torch/, triton/, native.py."""

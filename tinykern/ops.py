@@ -1,0 +1,111 @@
+"""The public ops. Each checks its arguments once, then runs the backend that
+`tinykern.backends` picks for the input's device."""
+
+import torch
+
+from tinykern import backends
+from tinykern.formats import q4k, q8_0
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def q4k_dequantize(blocks, dtype=torch.float32):
+    """Q4_K blocks [..., nb*144] uint8 -> dense [..., nb*256]."""
+    _check_blocks("q4k_dequantize", blocks, q4k.BLOCK_BYTES)
+    return _run("q4k_dequantize", blocks.device, blocks, dtype)
+
+
+def q8_0_dequantize(blocks, dtype=torch.float32):
+    """Q8_0 blocks [..., nb*34] uint8 -> dense [..., nb*32]."""
+    _check_blocks("q8_0_dequantize", blocks, q8_0.BLOCK_BYTES)
+    return _run("q8_0_dequantize", blocks.device, blocks, dtype)
+
+
+def q4k_matmul(x, w, bias=None):
+    """x [..., K] @ dequant(w).T + bias, w the Q4_K rows [N, nb*144] with K <= nb*256."""
+    return _matmul("q4k_matmul", x, w, bias, q4k)
+
+
+def q8_0_matmul(x, w, bias=None):
+    """x [..., K] @ dequant(w).T + bias, w the Q8_0 rows [N, nb*34] with K <= nb*32."""
+    return _matmul("q8_0_matmul", x, w, bias, q8_0)
+
+
+def q4k_conv2d(x, w, bias, in_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+    """Conv2d of x [B, C, H, W] with Q4_K rows w [out, nb*144] holding each output channel's
+    (in_channels/groups)*kh*kw weights in F.unfold order, zero-padded to nb*256."""
+    kh, kw = _pair(kernel_size)
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"q4k_conv2d: x must be [B, {in_channels}, H, W], got {list(x.shape)}")
+    if in_channels % groups or w.shape[0] % groups:
+        raise ValueError(f"q4k_conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={w.shape[0]}")
+    _check_weight("q4k_conv2d", x, w, bias, in_channels // groups * kh * kw, q4k)
+    # Grouped convs are a separate op so that backends without them say so.
+    op = "q4k_conv2d" if groups == 1 else "q4k_conv2d_grouped"
+    return _run(op, x.device, x, w, bias, (kh, kw), _pair(stride), _pair(padding), _pair(dilation), groups)
+
+
+def rvq_encode(x, codebooks):
+    """Residual VQ codes of x [N, D] against codebooks [L, K, D]: (codes [N, L] int64,
+    quantized [N, D] float32 = the sum of the chosen codewords)."""
+    if x.dim() != 2 or codebooks.dim() != 3 or x.shape[1] != codebooks.shape[2]:
+        raise ValueError(f"rvq_encode: expected x [N, D] and codebooks [L, K, D], got {list(x.shape)} and {list(codebooks.shape)}")
+    if x.dtype not in _FLOATS or codebooks.dtype != torch.float32:
+        raise ValueError(f"rvq_encode: x must be float32/float16/bfloat16 and codebooks float32, got {x.dtype} and {codebooks.dtype}")
+    _same_device("rvq_encode", x, codebooks)
+    return _run("rvq_encode", x.device, x.contiguous(), codebooks.contiguous())
+
+
+def rvq_decode(codes, codebooks):
+    """Sum over levels l < codes.shape[1] of codebooks[l, codes[:, l]] ([N, D]); -1 adds nothing."""
+    if codes.dim() != 2 or codebooks.dim() != 3 or codes.shape[1] > codebooks.shape[0]:
+        raise ValueError(f"rvq_decode: expected codes [N, L'] and codebooks [L, K, D] with L' <= L, got {list(codes.shape)} and {list(codebooks.shape)}")
+    if codes.dtype not in (torch.int32, torch.int64) or codebooks.dtype not in _FLOATS:
+        raise ValueError(f"rvq_decode: codes must be int32/int64 and codebooks floating, got {codes.dtype} and {codebooks.dtype}")
+    _same_device("rvq_decode", codes, codebooks)
+    return _run("rvq_decode", codes.device, codes.contiguous(), codebooks.contiguous())
+
+
+def _run(op, device, *args):
+    return backends.resolve(op, device)[1](*args)
+
+
+def _matmul(op, x, w, bias, fmt):
+    k = x.shape[-1] if x.dim() else 0
+    _check_weight(op, x, w, bias, k, fmt)
+    y = _run(op, x.device, x.reshape(-1, k).contiguous(), w, bias)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _check_weight(op, x, w, bias, k, fmt):
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
+    _check_blocks(op, w, fmt.BLOCK_BYTES)
+    if w.dim() != 2:
+        raise ValueError(f"{op}: w must be 2-D [N, nb*{fmt.BLOCK_BYTES}], got {list(w.shape)}")
+    padded = w.shape[1] // fmt.BLOCK_BYTES * fmt.BLOCK
+    if not padded - fmt.BLOCK < k <= padded:
+        raise ValueError(
+            f"{op}: x has {k} features (shape {list(x.shape)}) but w {list(w.shape)} holds rows of "
+            f"{padded} weights; expected {padded - fmt.BLOCK + 1}..{padded}"
+        )
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype not in _FLOATS):
+        raise ValueError(f"{op}: bias must be a float vector [{w.shape[0]}], got {bias.dtype} {list(bias.shape)}")
+    _same_device(op, x, w, *([bias] if bias is not None else []))
+
+
+def _check_blocks(op, blocks, block_bytes):
+    if blocks.dtype != torch.uint8:
+        raise ValueError(f"{op}: blocks must be uint8, got {blocks.dtype}")
+    if blocks.dim() == 0 or blocks.shape[-1] % block_bytes:
+        raise ValueError(f"{op}: the last dim of {list(blocks.shape)} is not a multiple of {block_bytes} bytes")
+
+
+def _same_device(op, *tensors):
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: tensors are on different devices: {', '.join(str(t.device) for t in tensors)}")
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)

@@ -1,0 +1,127 @@
+"""tinykern.quantize_: swap a model's nn.Linear and nn.Conv2d layers for quantized ones in place."""
+
+import dataclasses
+import fnmatch
+
+import torch
+from torch import nn
+
+from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+
+_LINEAR = {"q4_k": Q4Linear, "q8_0": Q8Linear}
+_CONV = {"q4_k": Q4Conv2d}
+DENSE = "fp16"  # an override that keeps a layer dense, in whatever dtype the model has
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """Which layers quantize_ converts, and to what.
+
+    weight: the format of every selected layer, "q4_k" or "q8_0".
+    skip: glob patterns of module names left dense.
+    overrides: {glob pattern: "q4_k" | "q8_0" | "fp16"}; the first matching pattern wins and
+        "fp16" keeps the layer dense.
+    min_features: layers whose row (in_features, or in_channels/groups*kh*kw) is shorter stay
+        dense: their packed rows would be mostly padding.
+    convs: also convert nn.Conv2d (depthwise convs, one input channel per group, stay dense).
+    """
+
+    weight: str = "q4_k"
+    skip: list = dataclasses.field(default_factory=list)
+    overrides: dict = dataclasses.field(default_factory=dict)
+    min_features: int = 128
+    convs: bool = True
+
+    def __post_init__(self):
+        for fmt in [self.weight, *self.overrides.values()]:
+            if fmt not in (*_LINEAR, DENSE):
+                raise ValueError(f"QuantConfig: unknown format {fmt!r}; expected one of {[*_LINEAR, DENSE]}")
+
+    def format_for(self, name, module):
+        """The format `module` (at path `name`) gets, or None with the reason it stays dense."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
+            return None, "skipped by config"
+        fmt = next((f for p, f in self.overrides.items() if fnmatch.fnmatchcase(name, p)), self.weight)
+        if fmt == DENSE:
+            return None, "kept dense by override"
+        if isinstance(module, nn.Conv2d):
+            if not self.convs:
+                return None, "convs not selected"
+            if module.in_channels == module.groups:
+                return None, "depthwise conv"
+            if fmt not in _CONV:
+                return None, f"no {fmt} conv"
+            row = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            row = module.in_features
+        if row < self.min_features:
+            return None, f"row of {row} < min_features={self.min_features}"
+        return fmt, None
+
+
+@dataclasses.dataclass
+class LayerReport:
+    name: str
+    kind: str
+    format: str  # "q4_k", "q8_0" or "dense"
+    bytes_before: int
+    bytes_after: int
+    rel_error: float | None  # ||W - dequant(W)|| / ||W||; None on the meta device or when dense
+    note: str = ""
+
+
+class QuantReport(list):
+    """The LayerReport of every Linear/Conv2d that quantize_ looked at; str() is a table."""
+
+    def totals(self):
+        return sum(r.bytes_before for r in self), sum(r.bytes_after for r in self)
+
+    def __str__(self):
+        rows = [f"{'layer':<48} {'kind':<7} {'format':<6} {'before':>11} {'after':>11} {'rel err':>8}"]
+        for r in self:
+            err = "" if r.rel_error is None else f"{r.rel_error:.4f}"
+            rows.append(f"{r.name[-48:]:<48} {r.kind:<7} {r.format:<6} {r.bytes_before:>11,} {r.bytes_after:>11,} {err:>8} {r.note}")
+        before, after = self.totals()
+        rows.append(f"{'total':<48} {'':<7} {'':<6} {before:>11,} {after:>11,}")
+        return "\n".join(rows)
+
+
+def quantize_(model, config=None):
+    """Replace, in place, every nn.Linear and nn.Conv2d of `model` that `config` selects with
+    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. On the meta device the modules
+    are built empty (fill them with load_quantized)."""
+    config = config or QuantConfig()
+    report = QuantReport()
+    for name, module in list(model.named_modules()):
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
+        before = module.weight.numel() * module.weight.element_size()
+        fmt, why = config.format_for(name, module)
+        if fmt is None:
+            report.append(LayerReport(name, kind, "dense", before, before, None, why))
+            continue
+        if not name:
+            raise ValueError("quantize_ replaces layers inside a model; wrap a bare layer in a container")
+        label = f"{name}.weight"
+        new = Q4Conv2d.from_conv(module, label) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, label)
+        _replace(model, name, new)
+        report.append(LayerReport(name, kind, fmt, before, new.qweight.numel(), _rel_error(module.weight, new)))
+    return report
+
+
+def quantized_modules(model):
+    """(name, module) of every tinykern quantized module in `model`."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Q4Linear, Q8Linear, Q4Conv2d))]
+
+
+def _replace(model, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _rel_error(weight, module):
+    if weight.is_meta:
+        return None
+    w = weight.detach().float()
+    return ((module.dequantize().reshape(w.shape) - w).norm() / w.norm().clamp(min=torch.finfo(torch.float32).tiny)).item()
