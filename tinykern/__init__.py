@@ -3,12 +3,12 @@
 from tinykern import _ext  # noqa: F401  (loads _C, which registers the native ops)
 from tinykern import formats, ops
 from tinykern.backends import backend
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear, ResidualVQ
 from tinykern.quantize import QuantConfig, QuantReport, quantize_
 from tinykern.serialization import load_quantized, save_quantized
 
 __version__ = "0.1.0"
 __all__ = [
     "Q4Conv2d", "Q4Linear", "Q8Linear", "QuantConfig", "QuantReport", "backend", "formats",
-    "load_quantized", "ops", "quantize_", "save_quantized",
+    "load_quantized", "ops", "quantize_", "ResidualVQ", "save_quantized",
 ]

@@ -2,5 +2,6 @@
 
 from tinykern.nn.conv import Q4Conv2d
 from tinykern.nn.linear import Q4Linear, Q8Linear
+from tinykern.nn.residual_vq import ResidualVQ
 
-__all__ = ["Q4Conv2d", "Q4Linear", "Q8Linear"]
+__all__ = ["Q4Conv2d", "Q4Linear", "Q8Linear", "ResidualVQ"]
