@@ -2,6 +2,8 @@
 
 import warnings
 
+import torch  # noqa: F401  (_C links against libc10/libtorch: they must be loaded first)
+
 try:
     from tinykern import _C
 except ImportError as e:  # a pure-Python install, or a build that failed

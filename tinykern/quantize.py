@@ -49,6 +49,10 @@ class QuantConfig:
                 return None, "convs not selected"
             if module.in_channels == module.groups:
                 return None, "depthwise conv"
+            if module.padding_mode != "zeros":
+                return None, f"padding_mode={module.padding_mode!r}"
+            if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                return None, "asymmetric padding='same'"
             if fmt not in _CONV:
                 return None, f"no {fmt} conv"
             row = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
@@ -88,25 +92,35 @@ class QuantReport(list):
 
 def quantize_(model, config=None):
     """Replace, in place, every nn.Linear and nn.Conv2d of `model` that `config` selects with
-    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. On the meta device the modules
-    are built empty (fill them with load_quantized)."""
+    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. Every layer is quantized before
+    any is swapped, so a refused weight (NaN, Inf) leaves the model as it was. On the meta
+    device the modules are built empty (fill them with load_quantized)."""
     config = config or QuantConfig()
     report = QuantReport()
-    for name, module in list(model.named_modules()):
+    new = {}  # id(layer) -> its replacement: a layer shared by several paths is quantized once
+    swaps = []
+    for name, module in model.named_modules(remove_duplicate=False):
         if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
+        if id(module) in new:
+            swaps.append((name, new[id(module)]))
             continue
         kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
         before = module.weight.numel() * module.weight.element_size()
         fmt, why = config.format_for(name, module)
         if fmt is None:
+            new[id(module)] = module
             report.append(LayerReport(name, kind, "dense", before, before, None, why))
             continue
         if not name:
             raise ValueError("quantize_ replaces layers inside a model; wrap a bare layer in a container")
         label = f"{name}.weight"
-        new = Q4Conv2d.from_conv(module, label) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, label)
-        _replace(model, name, new)
-        report.append(LayerReport(name, kind, fmt, before, new.qweight.numel(), _rel_error(module.weight, new)))
+        layer = Q4Conv2d.from_conv(module, label) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, label)
+        new[id(module)] = layer
+        swaps.append((name, layer))
+        report.append(LayerReport(name, kind, fmt, before, layer.qweight.numel(), _rel_error(module.weight, layer)))
+    for name, layer in swaps:
+        _replace(model, name, layer)
     return report
 
 

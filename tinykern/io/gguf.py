@@ -33,12 +33,17 @@ class GGUFTensor:
 
 
 def read_gguf(path):
-    """Yield the GGUFTensor of every tensor in the GGUF file `path` (copied into memory)."""
+    """An iterator over the GGUFTensor of every tensor in the GGUF file `path` (each copied into
+    memory as it is reached). A file that cannot be opened raises here, not on iteration."""
     path = os.fspath(path)
     try:
         reader = GGUFReader(path)
     except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damage
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return _tensors(path, reader)
+
+
+def _tensors(path, reader):
     for t in reader.tensors:
         ggml_type = GGMLQuantizationType(t.tensor_type)
         shape = tuple(int(n) for n in reversed(t.shape))
@@ -65,9 +70,11 @@ def write_gguf(path, tensors, arch="tinykern"):
         ggml_type = GGMLQuantizationType[t.type]
         data = t.data.detach().cpu().contiguous()
         if ggml_type in _DENSE:
-            array = data.to(_DENSE[ggml_type]).view(torch.uint8 if ggml_type == GGMLQuantizationType.BF16 else data.dtype).numpy()
-            if ggml_type == GGMLQuantizationType.BF16:
-                array = array.reshape(*t.shape[:-1], t.shape[-1] * 2)
+            data = data.to(_DENSE[ggml_type])
+            if ggml_type == GGMLQuantizationType.BF16:  # numpy has no bf16: hand over its bytes
+                array = data.view(torch.uint8).numpy().reshape(*t.shape[:-1], t.shape[-1] * 2)
+            else:
+                array = data.numpy()
             writer.add_tensor(t.name, array, raw_dtype=ggml_type)
         else:
             writer.add_tensor(t.name, data.numpy(), raw_dtype=ggml_type)

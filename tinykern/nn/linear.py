@@ -54,6 +54,8 @@ class _BlockLinear(nn.Module):
         return module
 
     def forward(self, x):
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected x [..., {self.in_features}], got {list(x.shape)}")
         return self._matmul(x, self.qweight, self.bias)
 
     def dequantize(self, dtype=torch.float32):

@@ -1,0 +1,168 @@
+"""GGUF in and out: round trips through write_gguf/read_gguf, files written by the `gguf` package
+itself, and damaged files refused with a message naming the file."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import relative_error
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+from tinykern import Q4Linear, Q8Linear
+from tinykern.formats import q4k, q8_0
+from tinykern.io import GGUFTensor, read_gguf, write_gguf
+from tinykern.io.gguf import dense_tensor
+
+
+def as_bytes(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def sample_tensors(gen):
+    return [
+        GGUFTensor("blk.0.attn_q.weight", "Q4_K", (5, 512), q4k.quantize(torch.randn(5, 512, generator=gen))),
+        GGUFTensor("blk.0.one_row", "Q4_K", (1, 256), q4k.quantize(torch.randn(1, 256, generator=gen))),
+        GGUFTensor("blk.0.ffn_down.weight", "Q8_0", (3, 96), q8_0.quantize(torch.randn(3, 96, generator=gen))),
+        GGUFTensor("blk.0.q8_3d", "Q8_0", (2, 3, 64), q8_0.quantize(torch.randn(2, 3, 64, generator=gen))),
+        dense_tensor("blk.0.norm.f16", torch.randn(7, 3, generator=gen).half()),
+        dense_tensor("blk.0.norm.bias", torch.randn(7, generator=gen)),
+        dense_tensor("blk.0.bf16", torch.randn(2, 3, 5, generator=gen).bfloat16()),
+        dense_tensor("blk.0.f32_4d", torch.randn(2, 1, 3, 4, generator=gen)),
+    ]
+
+
+def test_round_trip_preserves_types_shapes_and_bytes(gen, tmp_path):
+    tensors = sample_tensors(gen)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, tensors)
+    back = list(read_gguf(path))
+    assert [t.name for t in back] == [t.name for t in tensors]
+    for want, got in zip(tensors, back):
+        assert got.type == want.type, want.name
+        assert got.shape == want.shape, want.name
+        assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape, want.name
+        assert torch.equal(as_bytes(got.data), as_bytes(want.data)), want.name
+    # The dense types come back as their torch dtypes.
+    kinds = {t.type: t.data.dtype for t in back}
+    assert kinds["F16"] == torch.float16 and kinds["BF16"] == torch.bfloat16 and kinds["F32"] == torch.float32
+
+
+def test_write_from_a_dict_of_dense_tensors(gen, tmp_path):
+    tensors = {
+        "a": torch.randn(4, 6, generator=gen),
+        "b": torch.randn(3, generator=gen).half(),
+        "c": torch.randn(2, 2, generator=gen).bfloat16(),
+        "d": torch.randn(2, 5, generator=gen).double(),  # other dtypes become F32
+        "e": GGUFTensor("e", "Q8_0", (1, 32), q8_0.quantize(torch.randn(1, 32, generator=gen))),
+    }
+    path = tmp_path / "dense.gguf"
+    write_gguf(str(path), tensors)
+    back = {t.name: t for t in read_gguf(str(path))}
+    assert {k: t.type for k, t in back.items()} == {"a": "F32", "b": "F16", "c": "BF16", "d": "F32", "e": "Q8_0"}
+    for k in "abc":
+        assert torch.equal(back[k].data, tensors[k])
+    assert torch.equal(back["d"].data, tensors["d"].float())
+    assert torch.equal(back["e"].data, tensors["e"].data)
+
+
+@pytest.mark.parametrize("kind,source", [
+    pytest.param("F16", torch.float32, id="F16-from-float32"),
+    pytest.param("F32", torch.float16, id="F32-from-float16"),
+    pytest.param("BF16", torch.float32, id="BF16-from-float32"),
+    pytest.param("F16", torch.bfloat16, id="F16-from-bfloat16"),
+])
+def test_dense_tensor_is_converted_to_its_declared_type(kind, source, gen, tmp_path):
+    """A GGUFTensor's data is "the dense tensor": write_gguf converts it to the declared type
+    (an F16 tensor handed float32 data is stored as fp16 values, not reinterpreted bytes)."""
+    data = torch.randn(4, 5, generator=gen).to(source)
+    path = tmp_path / "converted.gguf"
+    write_gguf(path, [GGUFTensor("w", kind, (4, 5), data)])
+    (t,) = read_gguf(path)
+    target = {"F16": torch.float16, "F32": torch.float32, "BF16": torch.bfloat16}[kind]
+    assert t.type == kind and t.shape == (4, 5) and t.data.dtype == target
+    assert torch.equal(t.data, data.to(target))
+
+
+def test_file_written_by_gguf_package_loads_into_q4linear(gen, tmp_path):
+    """GGUFWriter directly, raw Q4_K blocks. gguf cannot quantize Q4_K (only dequantize), so the
+    blocks come from our quantizer, or from gguf when a newer version can."""
+    w = torch.randn(24, 768, generator=gen)
+    try:
+        blocks = quants.quantize(w.numpy(), GGMLQuantizationType.Q4_K)
+    except NotImplementedError:
+        blocks = q4k.quantize(w).numpy()
+    bias = torch.randn(24, generator=gen)
+    path = tmp_path / "external.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("blk.0.ffn_up.weight", blocks, raw_dtype=GGMLQuantizationType.Q4_K)
+    writer.add_tensor("blk.0.ffn_up.bias", bias.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    back = {t.name: t for t in read_gguf(path)}
+    t = back["blk.0.ffn_up.weight"]
+    assert t.type == "Q4_K" and t.shape == (24, 768) and t.data.shape == (24, 3 * 144)
+    module = Q4Linear.from_packed(t.data, t.shape[-1], back["blk.0.ffn_up.bias"].data)
+    dense = module.dequantize()
+    expected = quants.dequantize(blocks, GGMLQuantizationType.Q4_K)
+    np.testing.assert_array_equal(dense.numpy().view(np.int32), expected.view(np.int32))
+    x = torch.randn(3, 768, generator=gen)
+    assert relative_error(module(x), F.linear(x, torch.from_numpy(expected), bias)) < 1e-5
+
+
+def test_q8_0_written_by_gguf_package_loads_into_q8linear(gen, tmp_path):
+    w = torch.randn(10, 320, generator=gen).numpy()
+    blocks = quants.quantize(w, GGMLQuantizationType.Q8_0)
+    path = tmp_path / "q8.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", blocks, raw_dtype=GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (t,) = read_gguf(path)
+    module = Q8Linear.from_packed(t.data, t.shape[-1])
+    expected = quants.dequantize(blocks, GGMLQuantizationType.Q8_0)
+    np.testing.assert_array_equal(module.dequantize().numpy().view(np.int32), expected.view(np.int32))
+
+
+def test_other_types_come_back_as_raw_bytes(gen, tmp_path):
+    w = torch.randn(4, 64, generator=gen).numpy()
+    blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
+    path = tmp_path / "q4_0.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("w", blocks, raw_dtype=GGMLQuantizationType.Q4_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (t,) = read_gguf(path)
+    assert t.type == "Q4_0" and t.shape == (4, 64)
+    assert np.array_equal(t.data.numpy().reshape(-1), blocks.reshape(-1))
+
+
+def test_garbage_file_names_the_file(gen, tmp_path):
+    path = tmp_path / "garbage.gguf"
+    path.write_bytes(torch.randint(0, 256, (2048,), generator=gen, dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(ValueError, match=str(path)):
+        list(read_gguf(path))
+    # Right magic, nonsense after it.
+    path.write_bytes(b"GGUF" + torch.randint(0, 256, (2048,), generator=gen, dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(ValueError, match=str(path)):
+        list(read_gguf(path))
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=str(path)):
+        list(read_gguf(path))
+
+
+def test_truncated_file_names_the_file(gen, tmp_path):
+    path = tmp_path / "model.gguf"
+    write_gguf(path, sample_tensors(gen))
+    raw = path.read_bytes()
+    cut_path = tmp_path / "cut.gguf"
+    for cut in (3, 20, 200, len(raw) // 2, len(raw) - 10, len(raw) - 1):
+        cut_path.write_bytes(raw[:cut])
+        with pytest.raises(ValueError, match=str(cut_path)):
+            list(read_gguf(cut_path))
