@@ -65,4 +65,4 @@ def record_build_info(**info):
 
 
 ext_kwargs, cmdclass = extension_build()
-setup(cmdclass=cmdclass, package_data={"tinykern": ["_build_info.json"]}, **ext_kwargs)
+setup(cmdclass=cmdclass, **ext_kwargs)

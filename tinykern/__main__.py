@@ -9,6 +9,9 @@ def main(argv=None):
     commands.add_parser("info", help="versions, built and usable backends, build flags")
     demo = commands.add_parser("demo", help="quantize an SD1.5-shaped layer stack and print what it saves")
     demo.add_argument("--device", default="cpu")
+    from tinykern.pipelines.sd.cli import add_parser as add_sd_parser  # imports no diffusers
+
+    add_sd_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         from tinykern.info import report
@@ -18,6 +21,8 @@ def main(argv=None):
         from tinykern.demo import run
 
         run(args.device)
+    else:
+        args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""`tinykern sd generate|quantize`: Stable Diffusion 1.x from the command line.
+
+Only argparse and the preset names are imported here, so `tinykern --help` works without the
+`sd` extra; diffusers and transformers load when a subcommand runs.
+"""
+
+import argparse
+import sys
+import time
+
+from tinykern.pipelines.sd.presets import PRESETS, SCHEDULERS
+
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
+
+
+def add_parser(subparsers):
+    """Add the `sd` command (with `generate` and `quantize`) to an argparse subparsers object."""
+    sd = subparsers.add_parser("sd", help="Stable Diffusion 1.x in little VRAM: generate images, pre-quantize a model")
+    commands = sd.add_subparsers(dest="sd_command", required=True)
+
+    gen = commands.add_parser("generate", help="text to image")
+    _model_arguments(gen)
+    gen.add_argument("--dense", action="store_true", help="keep every weight dense (no quantization)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="LoRA safetensors (kohya, diffusers or PEFT keys); repeat for several")
+    gen.add_argument("--merge-lora", action="store_true", help="merge LoRAs into the weights instead of a side branch")
+    gen.add_argument("--preset", choices=sorted(PRESETS), help="scheduler, steps and guidance for a distilled LoRA")
+    gen.add_argument("--steps", type=int, help=f"denoising steps (default: the preset's, else {DEFAULT_STEPS})")
+    gen.add_argument("--guidance", type=float, help=f"CFG scale (default: the preset's, else {DEFAULT_GUIDANCE})")
+    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the preset's, else the model's")
+    gen.add_argument("--size", type=_size, default=(512, 512), metavar="WxH", help="image size (default 512x512)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--vae-on-gpu", action="store_true", help="decode on the GPU in tiles instead of on the CPU")
+    gen.add_argument("--sequential-cfg", action="store_true", help="run the two CFG passes one after the other")
+    gen.add_argument("--out", required=True, help="output image (.png, .jpg, ...)")
+    gen.set_defaults(func=generate)
+
+    quant = commands.add_parser("quantize", help="write a pre-quantized model folder that loads in seconds")
+    _model_arguments(quant)
+    quant.add_argument("--out", required=True, help="output folder")
+    quant.set_defaults(func=quantize)
+    return sd
+
+
+def _model_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="diffusers folder, SD1.x single-file .safetensors, whole-model .gguf or `sd quantize` folder")
+    parser.add_argument("--unet", help="separate UNet file (.gguf, or .safetensors) replacing the model's UNet")
+    parser.add_argument("--config", help="config folder for single files (default: the shipped SD1.5 configs)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+
+
+def _size(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 8, got {text!r}")
+    return width, height
+
+
+def _fail(message):
+    raise SystemExit(f"tinykern sd: error: {message}")
+
+
+def _load(args, **kwargs):
+    from tinykern.pipelines.sd import load_pipeline
+
+    try:
+        return load_pipeline(args.model, device=args.device, quantize=not getattr(args, "dense", False), unet=args.unet,
+                             config=args.config, **kwargs)
+    except (OSError, ValueError) as e:
+        _fail(e)
+
+
+def generate(args):
+    import torch
+
+    from tinykern.pipelines.sd import apply_preset, make_scheduler
+
+    start = time.perf_counter()
+    pipe = _load(args, vae_on_cpu=not args.vae_on_gpu, vae_tiling=args.vae_on_gpu, sequential_cfg=args.sequential_cfg)
+    for spec in args.lora:
+        path, _, scale = spec.rpartition(":") if _has_scale(spec) else (spec, "", "1")
+        try:
+            pipe.load_lora(path, float(scale), merge=args.merge_lora)
+        except (OSError, ValueError) as e:
+            _fail(e)
+    call = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
+    if args.preset:
+        call.update(apply_preset(pipe, args.preset))
+    if args.scheduler:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.steps is not None:
+        call["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        call["guidance_scale"] = args.guidance
+    for label, text in (("prompt", args.prompt), ("negative prompt", args.negative)):
+        _warn_if_truncated(pipe.tokenizer, label, text)
+    loaded = time.perf_counter()
+
+    cuda = pipe.unet.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    step_ends = []
+
+    def on_step_end(pipe_, step, timestep, kwargs):
+        step_ends.append(time.perf_counter())
+        return kwargs
+
+    width, height = args.size
+    t0 = time.perf_counter()
+    image = pipe(args.prompt, negative_prompt=args.negative, width=width, height=height,
+                 generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=on_step_end, **call).images[0]
+    wall = time.perf_counter() - t0
+    image.save(args.out)
+    steps = len(step_ends)
+    denoise = step_ends[-1] - t0 if step_ends else 0.0
+    print(f"{args.out}: {width}x{height}, {steps} steps, wall {wall:.2f} s ({denoise / max(steps, 1):.3f} s/step, "
+          f"VAE decode on {pipe.vae.device.type} {wall - denoise:.2f} s, load {loaded - start:.1f} s), "
+          f"peak VRAM {_vram(cuda)}")
+
+
+def _has_scale(spec):
+    head, sep, tail = spec.rpartition(":")
+    if not sep or not head:
+        return False
+    try:
+        float(tail)
+    except ValueError:
+        return False  # a Windows drive letter or a colon in the file name
+    return True
+
+
+def _warn_if_truncated(tokenizer, label, text):
+    if not text:
+        return
+    ids = tokenizer(text).input_ids
+    if len(ids) > tokenizer.model_max_length:
+        kept = tokenizer.decode(ids[1: tokenizer.model_max_length - 1])
+        print(f"warning: the {label} is {len(ids)} tokens; CLIP reads {tokenizer.model_max_length} (with start and end), "
+              f"so it is truncated to: {kept!r}", file=sys.stderr)
+
+
+def _vram(cuda):
+    if not cuda:
+        return "n/a (CPU)"
+    import torch
+
+    text = (f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated, "
+            f"{torch.cuda.max_memory_reserved() / 2**30:.2f} GiB reserved")
+    process = _process_vram()
+    return text + (f", process total {process / 2**30:.2f} GiB (driver)" if process is not None else ", driver total n/a")
+
+
+def _process_vram():
+    """This process's GPU memory as the driver counts it (CUDA context included), via NVML."""
+    import os
+
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if proc.pid == os.getpid():
+                return proc.usedGpuMemory
+    except Exception:  # no pynvml, no permission, or a driver without per-process accounting
+        return None
+    return None
+
+
+def quantize(args):
+    import torch
+
+    from tinykern.pipelines.sd import save_pipeline
+    from tinykern.pipelines.sd.layout import move
+
+    start = time.perf_counter()
+    # Dense weights are stored in float16: the loader casts them to the run's dtype.
+    pipe = _load(args, dtype=torch.float16)
+    move(pipe.vae, "cpu", torch.float16)
+    out = save_pipeline(pipe, args.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"{out}: written in {time.perf_counter() - start:.1f} s, {size / 1e6:.1f} MB")
