@@ -1,7 +1,7 @@
 """tinykern: Q4_K / Q8_0 / residual-VQ kernels and modules for image generation in little GPU memory."""
 
 from tinykern import _ext  # noqa: F401  (loads _C, which registers the native ops)
-from tinykern import formats, ops
+from tinykern import formats, ops, profile  # noqa: F401  (profile honours TINYKERN_NVTX=1)
 from tinykern.backends import backend
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear, ResidualVQ
 from tinykern.quantize import QuantConfig, QuantReport, quantize_
