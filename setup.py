@@ -9,6 +9,7 @@ import glob
 import json
 import os
 import platform
+import shutil
 
 from setuptools import setup
 
@@ -19,6 +20,7 @@ DEFAULT_CUDA_ARCHS = "8.0;8.9;9.0"
 def extension_build():
     if os.environ.get("TINYKERN_NO_EXT") == "1":
         return {}, {}
+    _find_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
@@ -26,8 +28,8 @@ def extension_build():
     if os.environ.get("TINYKERN_NO_CUDA") == "1":
         with_cuda = False
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
     macros = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -56,6 +58,19 @@ def extension_build():
     )
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return {"ext_modules": [ext]}, {"build_ext": build_ext}
+
+
+def _find_cuda_home():
+    # torch takes CUDA_HOME as the grandparent of `which nvcc`; where nvcc is a wrapper or link
+    # such as /usr/local/bin/nvcc that is /usr/local, which has no libcudart to link against.
+    if "CUDA_HOME" in os.environ or "CUDA_PATH" in os.environ:
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def record_build_info(**info):

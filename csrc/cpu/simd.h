@@ -2,10 +2,15 @@
 
 namespace tinykern::cpu {
 
-// True when this CPU runs AVX2 + FMA code; kernels pick their path on it at run time.
+// True when this CPU runs AVX2 + FMA (+ F16C, which every AVX2 CPU has) code; kernels pick
+// their path on it at each call.
 bool has_avx2_fma();
 
-// "avx2+fma" or "scalar": the path the CPU kernels take on this machine.
+// True when, on top of that, it runs AVX-512F (the Q4_K GEMV has a 16-lane variant).
+bool has_avx512();
+
+// "avx512", "avx2+fma" or "scalar": the widest path the CPU kernels take on this machine.
+// TINYKERN_CPU_SIMD=avx2 or =scalar caps it (read at each call, so tests can reach every path).
 const char* simd_level();
 
 }  // namespace tinykern::cpu

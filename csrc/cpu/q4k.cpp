@@ -1,0 +1,315 @@
+// Q4_K on CPU: dequantize, and a matmul that decodes the 4-bit codes on the fly for small M and
+// feeds L2-sized tiles of dequantized rows to the BLAS for large M. Layout:
+// shared/docs/q4k-format.md.
+#include "cpu/blockquant.h"  // first: it includes the intrinsics headers
+
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace tinykern::cpu {
+namespace {
+
+// The eight 6-bit scales and mins of a block from its 12 packed bytes, four per 32-bit word:
+// bytes 0-3 hold sc0..3 in their low 6 bits and the top bits of sc4..7 in bits 6-7, bytes 4-7
+// the same for the mins, bytes 8-11 the low nibbles of sc4..7 (low half) and m4..7 (high half).
+inline void unpack_scales(const uint8_t* s, uint8_t sc[8], uint8_t m[8]) {
+  uint32_t a[3];
+  std::memcpy(a, s, 12);
+  const uint32_t scw[2] = {a[0] & 0x3F3F3F3Fu, (a[2] & 0x0F0F0F0Fu) | ((a[0] >> 2) & 0x30303030u)};
+  const uint32_t mw[2] = {a[1] & 0x3F3F3F3Fu, ((a[2] >> 4) & 0x0F0F0F0Fu) | ((a[1] >> 2) & 0x30303030u)};
+  std::memcpy(sc, scw, 8);
+  std::memcpy(m, mw, 8);
+}
+
+#if defined(__x86_64__)
+// d * sc_j and dmin * m_j of the eight sub-blocks, from the block's first 16 bytes: the same
+// word arithmetic as unpack_scales on 32-bit lanes [d|dmin, a0, a1, a2].
+TK_AVX2 inline void block_scales_avx2(const uint8_t* blk, __m256* scale, __m256* offset) {
+  const __m128i hdr = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk));
+  const __m128i words = _mm_srlv_epi32(_mm_shuffle_epi32(hdr, _MM_SHUFFLE(3, 3, 2, 1)), _mm_setr_epi32(0, 0, 0, 4));
+  const __m128i low = _mm_and_si128(words, _mm_setr_epi32(0x3F3F3F3F, 0x3F3F3F3F, 0x0F0F0F0F, 0x0F0F0F0F));
+  const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_shuffle_epi32(hdr, _MM_SHUFFLE(2, 1, 2, 1)), 2),
+                                    _mm_setr_epi32(0, 0, 0x30303030, 0x30303030));
+  // [sc0..3, m0..3, sc4..7, m4..7] -> [sc0..7, m0..7]
+  const __m128i sm =
+      _mm_shuffle_epi8(_mm_or_si128(low, top), _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15));
+  const __m128 dd = _mm_cvtph_ps(hdr);  // lanes 0, 1: d, dmin
+  *scale = _mm256_mul_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sm)));
+  *offset = _mm256_mul_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
+                          _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sm, 8))));
+}
+#endif
+
+// w = (float(d) * sc) * q - float(dmin) * m in fp32, in this order, to be bit-identical with the
+// formats module and gguf. The products are exact (11 + 6 + 4 significant bits), so only the
+// subtraction rounds; contraction is kept off all the same, as the format doc prescribes.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+template <typename T>
+void dequant_block_scalar(const uint8_t* blk, T* out) {
+  const float d = half_at(blk), dmin = half_at(blk + 2);
+  uint8_t sc[8], m[8];
+  unpack_scales(blk + 4, sc, m);
+  for (int j = 0; j < 8; ++j) {
+    const float scale = d * static_cast<float>(sc[j]);
+    const float offset = dmin * static_cast<float>(m[j]);
+    // Sub-block j lives in the low (j even) or high (j odd) nibbles of bytes 32*(j/2)...
+    const uint8_t* q = blk + 16 + 32 * (j / 2);
+    const int shift = 4 * (j % 2);
+    for (int l = 0; l < 32; ++l) {
+      const float v = scale * static_cast<float>((q[l] >> shift) & 15);
+      out[32 * j + l] = static_cast<T>(v - offset);
+    }
+  }
+}
+
+#if defined(__x86_64__)
+template <typename T>
+TK_AVX2 void dequant_block_avx2(const uint8_t* blk, T* out) {
+  __m256 scale_v, offset_v;
+  block_scales_avx2(blk, &scale_v, &offset_v);
+  alignas(32) float scale[8], offset[8];
+  _mm256_store_ps(scale, scale_v);
+  _mm256_store_ps(offset, offset_v);
+  const __m256i low4 = _mm256_set1_epi32(15);
+  for (int c = 0; c < 4; ++c) {
+    const __m256 s_lo = _mm256_set1_ps(scale[2 * c]), s_hi = _mm256_set1_ps(scale[2 * c + 1]);
+    const __m256 o_lo = _mm256_set1_ps(offset[2 * c]), o_hi = _mm256_set1_ps(offset[2 * c + 1]);
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t* q = blk + 16 + 32 * c + 8 * i;
+      const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+      const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(b, low4));
+      const __m256 q_hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+      store8(out + 64 * c + 8 * i, _mm256_sub_ps(_mm256_mul_ps(s_lo, q_lo), o_lo));
+      store8(out + 64 * c + 32 + 8 * i, _mm256_sub_ps(_mm256_mul_ps(s_hi, q_hi), o_hi));
+    }
+  }
+}
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+#if defined(__x86_64__)
+// The GEMV kernels take x pre-permuted and pre-scaled (permute_x) and the per-32 sums of x.
+// A code register holds G chunks of 32 bytes (G = 1 for AVX2, 2 for AVX-512); its 32-bit lane j
+// of chunk g holds bytes 4j..4j+3. Masking nibble p = 2i+h of a lane in place gives q * 2^(4p)
+// exactly, the code of weight 4j+i of sub-block 2c+h, so the inner loop is mask, convert, FMA,
+// without shifts or shuffles; x[4j+i] is stored pre-scaled by 2^-(4p) so each product is exactly
+// q*x. The top nibble is shifted down instead (masked in place it reads as a negative int32).
+// The mins enter once per block through the sums of x: sum x*(s*q - o) = s*sum(x*q) - o*sum(x).
+using RowDot = void (*)(const uint8_t* row, int64_t nb, const float* xp, const float* xsum, int64_t ldx,
+                        int64_t ldsum, float* out, int64_t ldo);
+
+// Within each 64*G values: xp[64G*t + 8G*(4h + i) + 8g + j] = x[64G*t + 64g + 32h + 4j + i]
+// times 2^-(8i + 4h), or 2^0 for the top nibble (i = 3, h = 1).
+template <int G>
+void permute_x(const float* x, int64_t count, float* xp) {
+  for (int64_t t = 0; t < count; t += 64 * G) {
+    for (int g = 0; g < G; ++g) {
+      for (int h = 0; h < 2; ++h) {
+        for (int i = 0; i < 4; ++i) {
+          const float scale = (i == 3 && h == 1) ? 1.f : std::ldexp(1.f, -(8 * i + 4 * h));
+          for (int j = 0; j < 8; ++j) {
+            xp[t + 8 * G * (4 * h + i) + 8 * g + j] = x[t + 64 * g + 32 * h + 4 * j + i] * scale;
+          }
+        }
+      }
+    }
+  }
+}
+
+// out[r * ldo] = x_r . dequant(row) for R rows of x, 8 lanes.
+template <int R>
+TK_AVX2 void q4k_row_dot_avx2(const uint8_t* row, int64_t nb, const float* xp, const float* xsum, int64_t ldx,
+                              int64_t ldsum, float* out, int64_t ldo) {
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 144;
+    const float* xb = xp + b * 256;
+    __m256 scale_v, offset;
+    block_scales_avx2(blk, &scale_v, &offset);
+    alignas(32) float scale[8];
+    _mm256_store_ps(scale, scale_v);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_fnmadd_ps(offset, _mm256_loadu_ps(xsum + r * ldsum + b * 8), acc[r]);
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16 + 32 * c));
+      __m256 s_lo[R], s_hi[R];
+      for (int r = 0; r < R; ++r) s_lo[r] = s_hi[r] = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        const __m256 q_lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (8 * i))));
+        const __m256 q_hi = _mm256_cvtepi32_ps(
+            i == 3 ? _mm256_srli_epi32(v, 28) : _mm256_and_si256(v, _mm256_set1_epi32(15 << (8 * i + 4))));
+        for (int r = 0; r < R; ++r) {
+          const float* x = xb + r * ldx + 64 * c + 8 * i;
+          s_lo[r] = _mm256_fmadd_ps(q_lo, _mm256_loadu_ps(x), s_lo[r]);
+          s_hi[r] = _mm256_fmadd_ps(q_hi, _mm256_loadu_ps(x + 32), s_hi[r]);
+        }
+      }
+      const __m256 sc_lo = _mm256_broadcast_ss(scale + 2 * c), sc_hi = _mm256_broadcast_ss(scale + 2 * c + 1);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_fmadd_ps(s_lo[r], sc_lo, acc[r]);
+        acc[r] = _mm256_fmadd_ps(s_hi[r], sc_hi, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]);
+}
+
+// The same with 16 lanes: one register holds chunks 2cc and 2cc+1, so the scales of its two
+// halves are sub-blocks 4cc+h and 4cc+2+h.
+template <int R>
+TK_AVX512 void q4k_row_dot_avx512(const uint8_t* row, int64_t nb, const float* xp, const float* xsum,
+                                  int64_t ldx, int64_t ldsum, float* out, int64_t ldo) {
+  __m512 acc[R];
+  __m256 acc_min[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    acc_min[r] = _mm256_setzero_ps();
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * 144;
+    const float* xb = xp + b * 256;
+    // The scale bytes are unpacked in general-purpose registers, off the vector ports that
+    // the inner loop saturates: lanes [sc0..3, m0..3, sc4..7, m4..7] times [d, dmin, d, dmin].
+    alignas(16) uint32_t sm[4];
+    {
+      uint32_t a[3];
+      std::memcpy(a, blk + 4, 12);
+      sm[0] = a[0] & 0x3F3F3F3Fu;
+      sm[1] = a[1] & 0x3F3F3F3Fu;
+      sm[2] = (a[2] & 0x0F0F0F0Fu) | ((a[0] >> 2) & 0x30303030u);
+      sm[3] = ((a[2] >> 4) & 0x0F0F0F0Fu) | ((a[1] >> 2) & 0x30303030u);
+    }
+    const __m512 dd = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadu_si32(blk)));
+    const __m512 factor = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1), dd);
+    const __m512 scale16 = _mm512_mul_ps(
+        factor, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(sm)))));
+    const __m256 offset = _mm512_castps512_ps256(
+        _mm512_permutexvar_ps(_mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 0, 0, 0, 0, 0, 0, 0, 0), scale16));
+    for (int r = 0; r < R; ++r) {
+      acc_min[r] = _mm256_fnmadd_ps(offset, _mm256_loadu_ps(xsum + r * ldsum + b * 8), acc_min[r]);
+    }
+    for (int cc = 0; cc < 2; ++cc) {
+      const __m512i v = _mm512_loadu_si512(blk + 16 + 64 * cc);
+      __m512 s_lo[R], s_hi[R];
+      for (int r = 0; r < R; ++r) s_lo[r] = s_hi[r] = _mm512_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        const __m512 q_lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15 << (8 * i))));
+        const __m512 q_hi = _mm512_cvtepi32_ps(
+            i == 3 ? _mm512_srli_epi32(v, 28) : _mm512_and_si512(v, _mm512_set1_epi32(15 << (8 * i + 4))));
+        for (int r = 0; r < R; ++r) {
+          const float* x = xb + r * ldx + 128 * cc + 16 * i;
+          s_lo[r] = _mm512_fmadd_ps(q_lo, _mm512_loadu_ps(x), s_lo[r]);
+          s_hi[r] = _mm512_fmadd_ps(q_hi, _mm512_loadu_ps(x + 64), s_hi[r]);
+        }
+      }
+      // Sub-blocks 4cc+h (low half) and 4cc+2+h (high half); sub-block j sits in lane j + 4*(j >= 4).
+      const __m512i half = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2);
+      const __m512 sc_lo = _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(8 * cc)), scale16);
+      const __m512 sc_hi = _mm512_permutexvar_ps(_mm512_add_epi32(half, _mm512_set1_epi32(8 * cc + 1)), scale16);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_fmadd_ps(s_lo[r], sc_lo, acc[r]);
+        acc[r] = _mm512_fmadd_ps(s_hi[r], sc_hi, acc[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(acc[r]) + hsum(acc_min[r]);
+}
+
+// Rows of x go through the kernels four at a time, so each decoded code serves up to four FMAs.
+template <int G>
+void gemv_simd(const float* x32, int64_t m, const uint8_t* w, int64_t n, int64_t nb, float* out,
+               const RowDot kernels[4]) {
+  const int64_t kp = nb * 256, groups = nb * 8;
+  std::vector<float> xp(m * kp), xsum(m * groups);
+  for (int64_t r = 0; r < m; ++r) {
+    permute_x<G>(x32 + r * kp, kp, xp.data() + r * kp);
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int l = 0; l < 32; ++l) s += x32[r * kp + 32 * g + l];
+      xsum[r * groups + g] = s;
+    }
+  }
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j) {
+      for (int64_t r = 0; r < m; r += 4) {
+        kernels[std::min<int64_t>(4, m - r) - 1](w + j * nb * 144, nb, xp.data() + r * kp, xsum.data() + r * groups,
+                                                 kp, groups, out + r * n + j, n);
+      }
+    }
+  });
+}
+
+const RowDot kRowDotAvx2[4] = {q4k_row_dot_avx2<1>, q4k_row_dot_avx2<2>, q4k_row_dot_avx2<3>, q4k_row_dot_avx2<4>};
+const RowDot kRowDotAvx512[4] = {q4k_row_dot_avx512<1>, q4k_row_dot_avx512<2>, q4k_row_dot_avx512<3>,
+                                 q4k_row_dot_avx512<4>};
+#endif
+
+void gemv_scalar(const float* x32, int64_t m, const uint8_t* w, int64_t n, int64_t nb, float* out) {
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> acc(m);
+    float dense[256];
+    for (int64_t j = n0; j < n1; ++j) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t b = 0; b < nb; ++b) {
+        dequant_block_scalar(w + (j * nb + b) * 144, dense);
+        for (int64_t r = 0; r < m; ++r) {
+          const float* x = x32 + r * nb * 256 + b * 256;
+          float s = 0.f;
+          for (int l = 0; l < 256; ++l) s += x[l] * dense[l];
+          acc[r] += s;
+        }
+      }
+      for (int64_t r = 0; r < m; ++r) out[r * n + j] = acc[r];
+    }
+  });
+}
+
+struct Q4K {
+  static constexpr int64_t kBlock = 256;
+  static constexpr int64_t kBlockBytes = 144;
+  // Decoding costs ~0.65 ms per row of x at 4096x4096 and dequantizing for the BLAS ~9.5 ms in
+  // all (one core of the AVX-512 Xeon this was tuned on): the tiles win from about M = 14.
+  static constexpr int64_t kTileMinRows = 14;
+
+  template <typename T>
+  static void dequant_block(const uint8_t* blk, T* out, bool simd) {
+#if defined(__x86_64__)
+    if (simd) return dequant_block_avx2(blk, out);
+#endif
+    dequant_block_scalar(blk, out);
+  }
+
+  static void gemv(const float* x32, int64_t m, const uint8_t* w, int64_t n, int64_t nb, float* out) {
+#if defined(__x86_64__)
+    if (has_avx512()) return gemv_simd<2>(x32, m, w, n, nb, out, kRowDotAvx512);
+    if (has_avx2_fma()) return gemv_simd<1>(x32, m, w, n, nb, out, kRowDotAvx2);
+#endif
+    gemv_scalar(x32, m, w, n, nb, out);
+  }
+};
+
+at::Tensor q4k_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
+  return block_dequantize<Q4K>("q4k_dequantize", blocks, dtype);
+}
+
+at::Tensor q4k_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return block_matmul<Q4K>("q4k_matmul", x, w, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tinykern, CPU, m) {
+  m.impl("q4k_dequantize", &q4k_dequantize);
+  m.impl("q4k_matmul", &q4k_matmul);
+}
+
+}  // namespace tinykern::cpu
