@@ -13,11 +13,12 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)" numpy setuptools wheel ninja pybind11
-	MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install -q --no-build-isolation -e ".[test,sd,bench]"
+	MAX_JOBS=$(MAX_JOBS) $(BIN)/pip install -q --no-build-isolation -e ".[test,sd,bench,rqvae]"
 	touch $@
 
 demo: install
 	$(BIN)/python -m tinykern demo
+	$(BIN)/python -m tinykern rqvae demo --out rqvae-demo.png
 
 test: install
 	$(BIN)/python -m pytest -q tests

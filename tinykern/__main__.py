@@ -9,9 +9,11 @@ def main(argv=None):
     commands.add_parser("info", help="versions, built and usable backends, build flags")
     demo = commands.add_parser("demo", help="quantize an SD1.5-shaped layer stack and print what it saves")
     demo.add_argument("--device", default="cpu")
-    from tinykern.pipelines.sd.cli import add_parser as add_sd_parser  # imports no diffusers
+    from tinykern.pipelines.rqvae import cli as rqvae_cli  # both import no heavy dependency
+    from tinykern.pipelines.sd.cli import add_parser as add_sd_parser
 
     add_sd_parser(commands)
+    rqvae_cli.add_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         from tinykern.info import report
@@ -21,6 +23,8 @@ def main(argv=None):
         from tinykern.demo import run
 
         run(args.device)
+    elif args.command == "rqvae":
+        rqvae_cli.run(args)
     else:
         args.func(args)
 

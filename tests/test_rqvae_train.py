@@ -1,0 +1,102 @@
+"""2-step training smoke runs of every stage on a tiny captioned image folder, resume, the CLI
+parser, and errors on bad data."""
+
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tinykern.pipelines.rqvae import cli
+from tinykern.pipelines.rqvae.train import load_generator, load_refiner, load_tokenizer, train
+
+PIL = pytest.importorskip("PIL.Image")
+CAPTIONS = ["a red square", "a green circle on blue", "two yellow dots", "a black line"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "images"
+    root.mkdir()
+    colours = [(200, 30, 30), (30, 200, 30), (230, 220, 40), (10, 10, 10)]
+    rows = []
+    for i, (colour, caption) in enumerate(zip(colours, CAPTIONS)):
+        PIL.new("RGB", (48 + 8 * i, 40), colour).save(root / f"img{i}.png")
+        rows.append(json.dumps({"file": f"img{i}.png", "caption": caption, "rating": 5 + i}))
+    (root / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def quiet(*_):
+    pass
+
+
+def test_two_steps_of_every_stage(folder, tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    common = dict(data=str(folder), out=out, steps=2, batch_size=2, checkpoint_every=1, eval_every=2, log=quiet)
+    metrics = train("tokenizer", **common)
+    assert {"psnr_l1", "psnr_l4", "usage_l1", "usage_l4"} <= set(metrics)
+    metrics = train("refiner", **common)
+    assert {"l1", "perceptual", "psnr_rqvae", "psnr_refined"} <= set(metrics)
+    metrics = train("generator", **common)
+    assert metrics["loss"] > 0
+    for stage in ("tokenizer", "refiner", "generator"):
+        assert (out / f"{stage}.safetensors").is_file() and (out / f"{stage}-last.safetensors").is_file()
+        logged = [json.loads(line) for line in (out / f"{stage}-metrics.jsonl").read_text().splitlines()]
+        assert logged[-1]["step"] == 2
+    vq, refiner, (generator, words) = load_tokenizer(out / "tokenizer.safetensors"), \
+        load_refiner(out / "refiner.safetensors"), load_generator(out / "generator.safetensors")
+    assert vq.grid == 8 and "yellow" in words.words
+    codes = generator.generate(words(["a red square"]), torch.zeros(1, words.max_length, dtype=torch.long), steps=2)
+    assert refiner(vq.decode(codes)).shape == (1, 3, 64, 64)
+
+
+def test_generator_over_clip_bpe(folder, tmp_path):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    common = dict(data=str(folder), out=out, steps=2, batch_size=2, eval_every=2, log=quiet)
+    train("tokenizer", **common)
+    train("generator", text_tokenizer="clip", **common)
+    generator, tokens = load_generator(out / "generator.safetensors")
+    ids = tokens(["a red square"])
+    assert ids.shape == (1, tokens.max_length) and int(ids[0, 0]) == 49406  # CLIP's start token
+    assert generator.text.embed.num_embeddings == len(tokens) == 49408
+    assert generator.generate(ids, torch.zeros_like(ids), steps=1).shape == (1, 8, 8, 4)
+
+
+def test_resume_continues_from_the_last_checkpoint(folder, tmp_path):
+    torch.manual_seed(0)
+    out = tmp_path / "run"
+    train("tokenizer", data=str(folder), out=out, steps=2, batch_size=2, checkpoint_every=1, eval_every=1, log=quiet)
+    with safe_open(str(out / "tokenizer-last.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2" and any(k.startswith("optim.") for k in f.keys())
+    lines = []
+    train("tokenizer", data=str(folder), out=out, steps=3, batch_size=2, checkpoint_every=1, eval_every=1,
+          resume=True, log=lines.append)
+    assert any("resumed" in line and "step 2" in line for line in lines)
+    steps = [json.loads(line)["step"] for line in (out / "tokenizer-metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_training_on_an_unreadable_image_names_it(folder, tmp_path):
+    (folder / "img1.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError, match="cannot read image .*img1.png"):
+        train("tokenizer", data=str(folder), out=tmp_path / "run", steps=2, batch_size=4, log=quiet)
+
+
+def test_training_on_an_empty_folder_names_it(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .*empty"):
+        train("tokenizer", data=str(tmp_path / "empty"), out=tmp_path / "run", steps=2, log=quiet)
+
+
+def test_cli_parser():
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["rqvae", "train", "generator", "--data", "synthetic", "--steps", "5", "--resume"])
+    assert (args.rqvae_command, args.stage, args.steps, args.resume) == ("train", "generator", 5, True)
+    args = parser.parse_args(["rqvae", "generate", "--prompt", "a red circle", "--n", "2", "--no-quant", "--out", "g.png"])
+    assert args.no_quant and args.n == 2 and args.out == "g.png"

@@ -1,0 +1,79 @@
+"""`tinykern rqvae train|generate|demo`: the command line of the RQ-VAE pipeline.
+
+Hook it into tinykern/__main__.py with `add_parser(commands)` and dispatch
+`args.command == "rqvae"` to `run(args)`.
+"""
+
+
+def add_parser(subparsers):
+    rq = subparsers.add_parser("rqvae", help="RQ-VAE text-to-image pipeline: train, generate, demo")
+    sub = rq.add_subparsers(dest="rqvae_command", required=True)
+
+    train = sub.add_parser("train", help="train one stage: tokenizer, refiner or generator")
+    train.add_argument("stage", choices=["tokenizer", "refiner", "generator"])
+    train.add_argument("--data", default="synthetic",
+                       help="'synthetic' (procedural captioned shapes) or an image folder with captions.jsonl/.csv")
+    train.add_argument("--out", default="rqvae-run", help="directory for checkpoints and metrics")
+    train.add_argument("--steps", type=int, default=1000)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (default per stage)")
+    train.add_argument("--preset", default="shipped", choices=["shipped", "standard"],
+                       help="model sizes: 'shipped' (64x64 -> 8x8x4) or 'standard' (256x256 -> 16x16x4)")
+    train.add_argument("--resolution", type=int, default=None, help="tokenizer image side (default: the preset's)")
+    train.add_argument("--tokenizer", default=None,
+                       help="RQ-VAE weights for the refiner/generator stages (default: OUT/tokenizer.safetensors, else shipped)")
+    train.add_argument("--checkpoint-every", type=int, default=200)
+    train.add_argument("--eval-every", type=int, default=200)
+    train.add_argument("--resume", action="store_true", help="continue from OUT/<stage>-last.safetensors")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
+    train.add_argument("--text-tokenizer", default="word", choices=["word", "clip"],
+                       help="generator prompts: 'word' (the captions' words; the shipped model) or 'clip' (CLIP BPE)")
+
+    gen = sub.add_parser("generate", help="text -> image grid with the (shipped) model")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--n", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--weights", default=None,
+                     help="directory with tokenizer/refiner/generator.safetensors (default: the shipped model)")
+    gen.add_argument("--out", default="grid.png")
+    gen.add_argument("--steps", type=int, default=8, help="masked-decoding steps")
+    gen.add_argument("--guidance", type=float, default=3.0)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--no-quant", action="store_true", help="keep the generator's Linear layers in fp32")
+    gen.add_argument("--no-refine", action="store_true", help="skip the refinement UNet")
+    gen.add_argument("--device", default="cpu")
+
+    demo = sub.add_parser("demo", help="a grid for a handful of prompts and a speed/memory/agreement table")
+    demo.add_argument("--out", default="rqvae-demo.png")
+    demo.add_argument("--device", default="cpu")
+    return rq
+
+
+def run(args):
+    if args.rqvae_command == "train":
+        import torch
+
+        from tinykern.pipelines.rqvae.train import train
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        train(args.stage, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+              preset=args.preset, resolution=args.resolution, tokenizer=args.tokenizer,
+              checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume, seed=args.seed, bf16=args.bf16,
+              text_tokenizer=args.text_tokenizer)
+    elif args.rqvae_command == "generate":
+        from tinykern.pipelines.rqvae.generate import Pipeline, save_grid
+
+        pipe = Pipeline.load(args.weights, quantize=not args.no_quant, device=args.device)
+        images, stats = pipe.generate([args.prompt] * args.n, seed=args.seed, steps=args.steps,
+                                      guidance=args.guidance, temperature=args.temperature, refine=not args.no_refine)
+        save_grid(images, args.out)
+        print(f"{args.n} images in {stats['seconds']:.2f} s: {stats['images_per_s']:.2f} images/s, "
+              f"peak memory {stats['peak_memory_mb']:.0f} MB ({stats['memory_kind']}), "
+              f"generator {'Q4_K' if not args.no_quant else 'fp32'}; wrote {args.out}")
+    elif args.rqvae_command == "demo":
+        from tinykern.pipelines.rqvae.demo import run as demo
+
+        demo(out=args.out, device=args.device)

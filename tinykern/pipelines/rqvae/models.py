@@ -1,0 +1,284 @@
+"""The three trainable models: RQVAE (image <-> residual codes), Refiner (a UNet restoring what
+the codes lose) and TokenGenerator (text -> codes by parallel masked decoding).
+
+Each takes a plain dict config so that it can be saved as safetensors metadata; the `STANDARD`
+configs are the documented 256x256 -> 16x16x4 system, the `SHIPPED` ones the small 64x64 ->
+8x8x4 model trained on this CPU and committed under weights/.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinykern.nn.residual_vq import ResidualVQ
+
+STANDARD = {
+    "tokenizer": {"resolution": 256, "channels": [64, 128, 128, 256, 256], "latent_dim": 256,
+                  "codebook_size": 1024, "num_levels": 4},
+    "refiner": {"channels": [64, 128, 256, 256], "blocks": 2},
+    "generator": {"dim": 512, "depth": 8, "heads": 8, "mlp": 4, "text_depth": 2, "text_length": 32},
+}
+SHIPPED = {
+    "tokenizer": {"resolution": 64, "stem": 4, "channels": [96, 128], "latent_dim": 64,
+                  "codebook_size": 256, "num_levels": 4},
+    "refiner": {"channels": [16, 32, 64], "blocks": 1},
+    "generator": {"dim": 256, "depth": 4, "heads": 4, "mlp": 2, "text_depth": 1, "text_length": 24},
+}
+PRESETS = {"standard": STANDARD, "shipped": SHIPPED}
+
+
+def _norm(c):
+    return nn.GroupNorm(min(8, c // 4) or 1, c)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = _norm(cout), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
+
+
+class RQVAE(nn.Module):
+    """Conv encoder (a stem of stride `stem`, default 1, then each entry of `channels` after
+    the first halves the resolution: stem 1 and five entries downsample by 16), ResidualVQ with `num_levels` levels over `latent_dim`-channel
+    features, conv decoder. Images are [B, 3, R, R] in [0, 1]; codes [B, R/f, R/f, levels]."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = dict(config)
+        ch, stem = config["channels"], config.get("stem", 1)
+        self.downsample = stem * 2 ** (len(ch) - 1)
+        # stem > 1 patchifies first (a stem x stem stride-stem conv) and ends the decoder with a
+        # pixel shuffle: far fewer full-resolution FLOPs, for the CPU-trained shipped model.
+        enc = [nn.Conv2d(3, ch[0], stem, stride=stem) if stem > 1 else nn.Conv2d(3, ch[0], 3, padding=1)]
+        for a, b in zip(ch, ch[1:]):
+            enc += [ResBlock(a, a), nn.Conv2d(a, b, 3, stride=2, padding=1)]
+        enc += [ResBlock(ch[-1], ch[-1]), _norm(ch[-1]), nn.SiLU(), nn.Conv2d(ch[-1], config["latent_dim"], 1)]
+        self.encoder = nn.Sequential(*enc)
+        dec = [nn.Conv2d(config["latent_dim"], ch[-1], 3, padding=1), ResBlock(ch[-1], ch[-1])]
+        for a, b in zip(ch[::-1], ch[-2::-1]):
+            dec += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, padding=1), ResBlock(b, b)]
+        dec += [_norm(ch[0]), nn.SiLU(), nn.Conv2d(ch[0], 3 * stem * stem, 3, padding=1), nn.PixelShuffle(stem)]
+        self.decoder = nn.Sequential(*dec)
+        self.quantizer = ResidualVQ(config["latent_dim"], config["codebook_size"], config["num_levels"],
+                                    channels_first=True, dead_code_threshold=1.0)
+
+    @property
+    def grid(self):
+        return self.config["resolution"] // self.downsample
+
+    def encode_latent(self, images):
+        return self.encoder(images * 2 - 1)
+
+    def decode_latent(self, latent):
+        return (self.decoder(latent) + 1) / 2
+
+    def forward(self, images):
+        """(reconstruction, codes, commitment loss); in training mode the codebooks update."""
+        quantized, codes, loss = self.quantizer(self.encode_latent(images))
+        return self.decode_latent(quantized), codes, loss
+
+    @torch.no_grad()
+    def encode(self, images):
+        return self.quantizer.encode(self.encode_latent(images))
+
+    def decode(self, codes):
+        """Images from codes [B, h, w, l]: l < num_levels gives the coarser picture of the first
+        l levels. The lookup runs on tinykern.ops.rvq_decode."""
+        return self.decode_latent(self.quantizer.decode(codes))
+
+
+class Refiner(nn.Module):
+    """UNet over the RQ-VAE output predicting a residual: refined = x + unet(x). Its last conv
+    starts at zero, so an untrained refiner is the identity."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = dict(config)
+        ch, blocks = config["channels"], config["blocks"]
+        self.inp = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        skips = [ch[0]]
+        for i, c in enumerate(ch):
+            prev = ch[max(i - 1, 0)]
+            stage = nn.ModuleList([ResBlock(prev if j == 0 else c, c) for j in range(blocks)])
+            self.down.append(nn.ModuleDict({"blocks": stage, "pool": nn.Conv2d(c, c, 3, stride=2, padding=1)
+                                            if i < len(ch) - 1 else nn.Identity()}))
+            skips += [c] * blocks
+        self.mid = nn.Sequential(ResBlock(ch[-1], ch[-1]), ResBlock(ch[-1], ch[-1]))
+        self.up = nn.ModuleList()
+        cur = ch[-1]
+        for i, c in reversed(list(enumerate(ch))):
+            stage = nn.ModuleList()
+            for _ in range(blocks):
+                stage.append(ResBlock(cur + skips.pop(), c))
+                cur = c
+            self.up.append(nn.ModuleDict({"blocks": stage, "upsample": nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)) if i > 0 else nn.Identity()}))
+        self.out = nn.Sequential(_norm(cur + ch[0]), nn.SiLU(), nn.Conv2d(cur + ch[0], 3, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x):
+        h = self.inp(x * 2 - 1)
+        skips = [h]
+        for stage in self.down:
+            for block in stage["blocks"]:
+                h = block(h)
+                skips.append(h)
+            h = stage["pool"](h)
+        h = self.mid(h)
+        for stage in self.up:
+            for block in stage["blocks"]:
+                h = block(torch.cat([h, skips.pop()], 1))
+            h = stage["upsample"](h)
+        return x + self.out(torch.cat([h, skips.pop()], 1)) / 2
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; plain nn.Linear layers so tinykern.quantize_ converts them."""
+
+    def __init__(self, dim, heads, mlp):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp * dim), nn.Linear(mlp * dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings + positions + a few transformer blocks; [B, T] ids -> [B, T, dim].
+    An all-padding prompt is the unconditional (classifier-free guidance) input."""
+
+    def __init__(self, vocab_size, dim, depth, heads, mlp, length):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(length, dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids):
+        h = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h)
+
+
+class TokenGenerator(nn.Module):
+    """Text-conditioned parallel masked decoding (MaskGIT) over the grid positions, with a small
+    depth head that predicts a position's `num_levels` codes one after another.
+
+    The transformer sees [text features ; one token per position] with full attention; a
+    position's input is the sum of its level-code embeddings, or a mask embedding. The depth
+    head reads the position's output plus the embeddings of the codes already chosen for that
+    position's lower levels (teacher-forced in training), so the levels of one position stay
+    consistent while positions are decoded in parallel."""
+
+    def __init__(self, config, vocab_size, grid, codebook_size, num_levels):
+        super().__init__()
+        self.config = {**config, "vocab_size": vocab_size, "grid": grid, "codebook_size": codebook_size,
+                       "num_levels": num_levels}
+        dim, heads, mlp = config["dim"], config["heads"], config["mlp"]
+        self.text = TextEncoder(vocab_size, dim, config["text_depth"], heads, mlp, config["text_length"])
+        positions = grid * grid
+        self.code_embed = nn.Embedding(num_levels * codebook_size, dim)
+        self.mask_embed = nn.Parameter(torch.randn(dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(positions, dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp) for _ in range(config["depth"])])
+        self.norm = nn.LayerNorm(dim)
+        self.depth_embed = nn.Embedding(num_levels * codebook_size, dim)
+        self.depth_norm = nn.LayerNorm(dim)
+        self.depth_fc = nn.Linear(dim, dim)
+        self.depth_out = nn.ModuleList([nn.Linear(dim, codebook_size) for _ in range(num_levels)])
+        self.register_buffer("level_offset", torch.arange(num_levels) * codebook_size, persistent=False)
+
+    def hidden(self, codes, masked, ids):
+        """Transformer output per position [B, P, dim] for codes [B, P, L] (ignored where
+        `masked` [B, P] is set) and prompt ids [B, T]."""
+        text = self.text(ids)
+        emb = self.code_embed(codes.clamp(min=0) + self.level_offset).sum(2)
+        x = torch.where(masked[..., None], self.mask_embed, emb) + self.pos
+        h = torch.cat([text, x], 1)
+        for block in self.blocks:
+            h = block(h)
+        return self.norm(h[:, text.shape[1]:])
+
+    def level_logits(self, h, codes, level):
+        """Logits [B, P, K] of `level` given the position outputs h and the codes of the lower
+        levels codes[..., :level]."""
+        if level:
+            h = h + self.depth_embed(codes[..., :level] + self.level_offset[:level]).sum(-2)
+        return self.depth_out[level](F.gelu(self.depth_fc(self.depth_norm(h))))
+
+    def loss(self, codes, ids, generator=None):
+        """Masked-token cross entropy, averaged over the masked positions and all levels; the
+        mask ratio follows MaskGIT's cosine schedule."""
+        b, p, levels = codes.shape
+        ratio = torch.cos(math.pi / 2 * torch.rand(b, 1, generator=generator))
+        count = (ratio * p).ceil().clamp(min=1)
+        rank = torch.rand(b, p, generator=generator).argsort(1).argsort(1)
+        masked = rank < count
+        h = self.hidden(codes, masked, ids)[masked]
+        target = codes[masked]
+        return sum(F.cross_entropy(self.level_logits(h, target, level), target[:, level])
+                   for level in range(levels)) / levels
+
+    @torch.no_grad()
+    def generate(self, ids, null_ids, steps=8, guidance=3.0, temperature=1.0, generator=None):
+        """Codes [B, grid, grid, levels] for prompt ids [B, T]; null_ids [1, T] is the empty
+        prompt for classifier-free guidance (guidance 0 turns it off)."""
+        b = ids.shape[0]
+        grid, levels = self.config["grid"], self.config["num_levels"]
+        p = grid * grid
+        codes = torch.zeros(b, p, levels, dtype=torch.long, device=ids.device)
+        masked = torch.ones(b, p, dtype=torch.bool, device=ids.device)
+        guided = guidance > 0
+        text = torch.cat([ids, null_ids.expand(b, -1)]) if guided else ids
+        for step in range(steps):
+            h = self.hidden(torch.cat([codes, codes]) if guided else codes,
+                            torch.cat([masked, masked]) if guided else masked, text)
+            sampled = torch.zeros_like(codes)
+            confidence = torch.zeros(b, p, device=ids.device)
+            for level in range(levels):
+                both = torch.cat([sampled, sampled]) if guided else sampled
+                logits = self.level_logits(h, both, level).float()
+                if guided:
+                    cond, uncond = logits.chunk(2)
+                    logits = uncond + (1 + guidance) * (cond - uncond)
+                logp = F.log_softmax(logits, -1)
+                pick = _sample(logp / max(temperature, 1e-6), generator)
+                sampled[..., level] = pick
+                confidence += logp.gather(-1, pick[..., None])[..., 0]
+            codes = torch.where(masked[..., None], sampled, codes)
+            remaining = math.floor(p * math.cos(math.pi / 2 * (step + 1) / steps))
+            if remaining == 0:
+                break
+            # Keep the `remaining` least confident still-masked positions masked; noise on the
+            # confidence, fading over the steps, keeps early choices diverse (MaskGIT).
+            noise = -torch.log(-torch.log(torch.rand(b, p, generator=generator, device=ids.device).clamp(1e-9, 1 - 1e-9)))
+            score = confidence + temperature * (1 - (step + 1) / steps) * noise
+            score = torch.where(masked, score, torch.full_like(score, math.inf))
+            rank = score.argsort(1).argsort(1)
+            masked = rank < remaining
+        return codes.reshape(b, grid, grid, levels)
+
+
+def _sample(logp, generator):
+    u = torch.rand(logp.shape, generator=generator, device=logp.device).clamp(1e-9, 1 - 1e-9)
+    return (logp - torch.log(-torch.log(u))).argmax(-1)
+
+
+def count_parameters(module):
+    return sum(p.numel() for p in module.parameters())
