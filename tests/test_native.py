@@ -327,7 +327,8 @@ def test_registered_for_the_native_backend(device, gen):
         assert relative_error(got, expected) < FP32_BOUND
         with forced("q4k_conv2d", backend, device):
             nhwc = ops.q4k_conv2d(xg.contiguous(memory_format=torch.channels_last), *args[1:], **kwargs)
-        assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, got)
+        assert nhwc.is_contiguous(memory_format=torch.channels_last)
+        assert relative_error(nhwc, expected) < FP32_BOUND
     x2 = torch.randn(5, 18, generator=gen)
     with forced("q4k_matmul", backend, device):
         y = ops.q4k_matmul(x2.to(device), w.to(device), bias)

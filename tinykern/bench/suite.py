@@ -100,10 +100,8 @@ def _auto(op, device):
     """The backend `auto` picks for op on this device (None for the quantizers: not backend ops)."""
     if op.endswith("_quantize"):
         return None
-    for name in backends.AUTO_ORDER.get(device.type, ()):
-        if cases.backend_reason(name, device, op) is None:
-            return name
-    return None
+    with backends.backend("auto"):
+        return backends.resolve(op, device)[0]
 
 
 def _quantize_sd15(rows):

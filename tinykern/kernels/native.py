@@ -17,31 +17,10 @@ NATIVE_OPS = ("q4k_dequantize", "q4k_matmul", "q8_0_dequantize", "q8_0_matmul", 
 _BLOCKS = {"q4k": (256, 144), "q8_0": (32, 34)}
 
 
-def q4k_conv2d_cpu(x, w, bias, kernel_size, stride, padding, dilation, groups):
-    """im2col (F.unfold) then the native q4k_matmul per group, bias added in fp32 inside it;
-    the output in x's memory format."""
-    batch, channels, height, width = x.shape
-    kh, kw = kernel_size
-    per_group = channels // groups * kh * kw
-    out_per_group = w.shape[0] // groups
-    cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
-    outs = []
-    for g in range(groups):
-        xg = cols[:, g * per_group:(g + 1) * per_group].transpose(1, 2).reshape(-1, per_group).contiguous()
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        outs.append(torch.ops.tinykern.q4k_matmul(xg, w[rows], None if bias is None else bias[rows]))
-    y = outs[0] if groups == 1 else torch.cat(outs, dim=1)  # [B*L, out]
-    h_out = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    # y is NHWC in memory: a channels_last view for free, or one copy to NCHW, as F.conv2d
-    # would lay the output out for this x.
-    y = y.reshape(batch, h_out, w_out, w.shape[0]).permute(0, 3, 1, 2)
-    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return y.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-
-
-def q4k_conv2d_cuda(x, w, bias, kernel_size, stride, padding, dilation, groups):
-    """The native dequantize to x.dtype, then cuDNN: at conv sizes the GEMM is compute-bound."""
+def q4k_conv2d(x, w, bias, kernel_size, stride, padding, dilation, groups):
+    """The native dequantize to x.dtype, then the vendor conv (cuDNN, oneDNN). At conv sizes the
+    GEMM is compute-bound; on CPU this beat F.unfold + q4k_matmul by 3.4x
+    (bench/results/intel-r-xeon-r-processor.md)."""
     per_group = x.shape[1] // groups
     kh, kw = kernel_size
     weight = torch.ops.tinykern.q4k_dequantize(w, x.dtype)[:, : per_group * kh * kw]
@@ -82,8 +61,8 @@ def _register():
             backends.register(op, backend)(getattr(torch.ops.tinykern, op))
     # Both composites handle any groups, so they serve the grouped op too.
     for op in ("q4k_conv2d", "q4k_conv2d_grouped"):
-        backends.register(op, "cpu")(q4k_conv2d_cpu)
-        backends.register(op, "cuda")(q4k_conv2d_cuda)
+        backends.register(op, "cpu")(q4k_conv2d)
+        backends.register(op, "cuda")(q4k_conv2d)
 
 
 if _ext.available():
