@@ -23,6 +23,7 @@ import triton.language as tl
 from tinykern import backends
 from tinykern.formats import q8_0
 from tinykern.kernels.triton.q4k_matmul import matmul_launch, wide_configs
+from tinykern.kernels.triton.tiles import grouped_tile
 
 # Q8_0 geometry for the kernels (Triton reads only constexpr globals).
 BLOCK = tl.constexpr(32)
@@ -99,15 +100,7 @@ def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row tiles share each weight tile while it is in L2.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = pid // width * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
