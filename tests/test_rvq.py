@@ -19,6 +19,7 @@ ENCODE_CASES = [
     (130, 64, 32, 8, True, "clustered"),
     (50, 1024, 256, 1, False, "clustered"),
     (97, 40, 64, 5, True, "random"),
+    (300, 1500, 24, 2, False, "clustered"),  # several row tiles and code tiles of the C++ kernel
 ]
 
 
@@ -88,8 +89,8 @@ def test_rvq_encode_half_inputs(device, backend, dtype, gen):
 @pytest.mark.parametrize("d", [3, 64])
 def test_rvq_encode_ties_go_to_the_lowest_code(device, backend, d, gen):
     # Small integers make every product and sum exact in fp32, so equal distances are truly
-    # equal; K = 1024 with d = 3 repeats each of the 125 vectors several times, across tiles.
-    books = torch.randint(-2, 3, (3, 1024, d), generator=gen).float()
+    # equal; K = 2100 with d = 3 repeats each of the 125 vectors many times, across code tiles.
+    books = torch.randint(-2, 3, (3, 2100, d), generator=gen).float()
     x = torch.randint(-2, 3, (90, d), generator=gen).float()
     with forced("rvq_encode", backend, device):
         codes, quantized = ops.rvq_encode(x.to(device), books.to(device))

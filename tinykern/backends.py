@@ -18,10 +18,6 @@ BACKENDS = ("triton", "cuda", "cpu", "torch")
 # kernels second; on CPU the C++ kernels beat the reference in bench/bench_q4k_matmul.py.
 # Triton on CPU (the interpreter) is a correctness tool and is never picked by `auto`.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-# Measured exceptions, per (op, device type). On CPU the torch reference's chunked addmm + argmin
-# encodes 1.1-3x faster than the C++ kernel (bench/results/intel-r-xeon-r-processor.md), its
-# distance chunks bounded at 64 MiB; the C++ kernel stays the low-memory choice.
-AUTO_OVERRIDES = {("rvq_encode", "cpu"): ("torch", "cpu")}
 
 _IMPLS = {}
 _forced = contextvars.ContextVar("tinykern_backend", default=None)
@@ -94,7 +90,7 @@ def resolve(op, device):
         if reason is not None:
             raise RuntimeError(f"tinykern backend {wanted!r} cannot run {op} on {device_type}: {reason}")
         return wanted, _IMPLS[(op, wanted)]
-    order = AUTO_OVERRIDES.get((op, device_type)) or AUTO_ORDER.get(device_type, ("torch",))
+    order = AUTO_ORDER.get(device_type, ("torch",))
     for name in order:
         if unavailable_reason(name, device_type, op) is None:
             return name, _IMPLS[(op, name)]

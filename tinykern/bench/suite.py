@@ -73,12 +73,15 @@ def _measure(row, device, budget, min_reps, ceil, skipped):
         accuracy = row.check(out)
     except AssertionError as e:
         return {**info, "error": str(e)}
+    output_bytes = sum(t.numel() * t.element_size() for t in (out if isinstance(out, tuple) else (out,))
+                       if isinstance(t, torch.Tensor))
     del out
     t = timing.measure(row.fn, device, budget, min_reps)
     pct, bound = ceil.percent(row.bytes, max(row.flops, 0), t.seconds)
     result = {**info, "seconds": t.seconds, "timing": t.as_dict(), "GBps": row.bytes / t.seconds / 1e9,
               "TFLOPs": row.flops / t.seconds / 1e12, "percent_of_ceiling": pct, "bound": bound,
-              "peak_memory_bytes": peak if row.torch_memory else None, "accuracy": accuracy}
+              "peak_memory_bytes": peak if row.torch_memory else None, "output_bytes": output_bytes,
+              "accuracy": accuracy}
     if row.op.endswith("_quantize"):
         result["weights_per_s"] = row.case.rows * row.case.cols / t.seconds
     return result
@@ -149,7 +152,9 @@ def _headline(results):
                 others = {x["impl"]: x["peak_memory_bytes"] for x in rows if x["op"] == op and x["case"] == r["case"]}
                 if "vector_quantize_pytorch" in others:
                     lines.append(f"rvq_encode {r['case']}: peak extra memory {report.format_bytes(r['peak_memory_bytes'])} "
-                                 f"({auto}) vs {report.format_bytes(others['vector_quantize_pytorch'])} (vector_quantize_pytorch)")
+                                 f"({auto}; its outputs, codes and quantized sum, are "
+                                 f"{report.format_bytes(r['output_bytes'])} of it) vs "
+                                 f"{report.format_bytes(others['vector_quantize_pytorch'])} (vector_quantize_pytorch)")
     q = results.get("quantize_sd15")
     if q:
         lines.append(f"Q4_K quantization: {q['weights_per_s'] / 1e6:.1f} M weights/s -> about "
