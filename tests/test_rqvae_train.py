@@ -67,6 +67,33 @@ def test_generator_over_clip_bpe(folder, tmp_path):
     assert generator.generate(ids, torch.zeros_like(ids), steps=1).shape == (1, 8, 8, 4)
 
 
+def test_generator_over_a_user_supplied_clip_text_model(folder, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tinykern.pipelines.rqvae.generate import Pipeline
+
+    torch.manual_seed(0)
+    clip = tmp_path / "text_encoder"
+    config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=77)
+    transformers.CLIPTextModel(config).save_pretrained(clip)
+    out = tmp_path / "run"
+    common = dict(data=str(folder), out=out, steps=2, batch_size=2, eval_every=2, log=quiet)
+    train("tokenizer", **common)
+    train("refiner", **common)
+    train("generator", text_encoder=str(clip), **common)
+    with safe_open(str(out / "generator.safetensors"), "pt") as f:
+        assert not any(".clip." in k for k in f.keys())  # the user's CLIP weights are not copied
+    moved = tmp_path / "moved"
+    clip.rename(moved)
+    with pytest.raises(ValueError, match="cannot load a CLIPTextModel from .*text_encoder"):
+        load_generator(out / "generator.safetensors")
+    pipe = Pipeline.load(out, text_encoder=moved)
+    frozen = pipe.generator.text.clip.get_input_embeddings().weight
+    assert torch.equal(frozen, transformers.CLIPTextModel.from_pretrained(moved).get_input_embeddings().weight)
+    images, _ = pipe.generate(["a red square"], steps=2)
+    assert images.shape == (1, 3, 64, 64) and torch.isfinite(images).all()
+
+
 def test_resume_continues_from_the_last_checkpoint(folder, tmp_path):
     torch.manual_seed(0)
     out = tmp_path / "run"

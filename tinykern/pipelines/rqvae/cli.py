@@ -30,6 +30,9 @@ def add_parser(subparsers):
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     train.add_argument("--text-tokenizer", default="word", choices=["word", "clip"],
                        help="generator prompts: 'word' (the captions' words; the shipped model) or 'clip' (CLIP BPE)")
+    train.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                       help="condition the generator on this frozen transformers CLIPTextModel (e.g. SD1.5's "
+                            "text_encoder/) instead of the small trainable text encoder")
 
     gen = sub.add_parser("generate", help="text -> image grid with the (shipped) model")
     gen.add_argument("--prompt", required=True)
@@ -43,6 +46,8 @@ def add_parser(subparsers):
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--no-quant", action="store_true", help="keep the generator's Linear layers in fp32")
     gen.add_argument("--no-refine", action="store_true", help="skip the refinement UNet")
+    gen.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                     help="the CLIP text model of a generator trained over one, if it has moved since training")
     gen.add_argument("--device", default="cpu")
 
     demo = sub.add_parser("demo", help="a grid for a handful of prompts and a speed/memory/agreement table")
@@ -62,11 +67,11 @@ def run(args):
         train(args.stage, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
               preset=args.preset, resolution=args.resolution, tokenizer=args.tokenizer,
               checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume, seed=args.seed, bf16=args.bf16,
-              text_tokenizer=args.text_tokenizer)
+              text_tokenizer=args.text_tokenizer, text_encoder=args.text_encoder)
     elif args.rqvae_command == "generate":
         from tinykern.pipelines.rqvae.generate import Pipeline, save_grid
 
-        pipe = Pipeline.load(args.weights, quantize=not args.no_quant, device=args.device)
+        pipe = Pipeline.load(args.weights, quantize=not args.no_quant, device=args.device, text_encoder=args.text_encoder)
         images, stats = pipe.generate([args.prompt] * args.n, seed=args.seed, steps=args.steps,
                                       guidance=args.guidance, temperature=args.temperature, refine=not args.no_refine)
         save_grid(images, args.out)

@@ -15,9 +15,11 @@ from tinykern.profile import stage
 
 
 def quantize_generator(generator):
-    """Every Linear of the generator (text encoder, transformer, depth head) to Q4_K; the
-    embeddings and norms stay fp32. Returns quantize_'s report."""
-    return tinykern.quantize_(generator, tinykern.QuantConfig(weight="q4_k", min_features=128, convs=False))
+    """Every Linear of the generator (text encoder, transformer, depth head) to Q4_K, those of a
+    CLIP text model to Q8_0 (as in the SD pipeline); the embeddings and norms stay fp32. Returns
+    quantize_'s report."""
+    config = tinykern.QuantConfig(weight="q4_k", overrides={"text.clip.*": "q8_0"}, min_features=128, convs=False)
+    return tinykern.quantize_(generator, config)
 
 
 class Pipeline:
@@ -30,11 +32,13 @@ class Pipeline:
         self.quant_report = None
 
     @classmethod
-    def load(cls, weights=None, quantize=True, device="cpu"):
+    def load(cls, weights=None, quantize=True, device="cpu", text_encoder=None):
         """The models in `weights` (a directory with tokenizer/refiner/generator.safetensors;
-        default: the shipped ones); with `quantize` the generator's Linear layers become Q4_K."""
+        default: the shipped ones); with `quantize` the generator's Linear layers become Q4_K.
+        `text_encoder`: the CLIP text model folder of a generator trained over one, when it is
+        no longer where training found it."""
         root = Path(weights) if weights else WEIGHTS
-        generator, words = load_generator(root / "generator.safetensors")
+        generator, words = load_generator(root / "generator.safetensors", text_encoder)
         refiner = load_refiner(root / "refiner.safetensors") if (root / "refiner.safetensors").is_file() else None
         pipe = cls(load_tokenizer(root / "tokenizer.safetensors"), refiner, generator, words, device)
         if quantize:
@@ -44,7 +48,7 @@ class Pipeline:
     @torch.no_grad()
     def codes(self, prompts, seed=0, steps=8, guidance=3.0, temperature=1.0):
         ids = self.words(prompts).to(self.device)
-        null = torch.zeros_like(ids[:1])
+        null = self.words([""]).to(self.device)
         gen = torch.Generator(self.device).manual_seed(seed)
         with stage("rqvae.generate_tokens"):
             return self.generator.generate(ids, null, steps=steps, guidance=guidance, temperature=temperature,

@@ -176,6 +176,46 @@ class TextEncoder(nn.Module):
         return self.norm(h)
 
 
+class ClipTextEncoder(nn.Module):
+    """A user-supplied transformers CLIPTextModel (a folder with its config.json and weights, e.g.
+    SD1.5's text_encoder/), frozen, with a trainable projection of its last hidden states to the
+    generator's width. The CLIP weights stay the user's: they are left out of the generator's
+    state_dict and read from `path` whenever the generator is built."""
+
+    def __init__(self, path, dim):
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        try:
+            self.clip = CLIPTextModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"ClipTextEncoder: cannot load a CLIPTextModel from {path} (a generator trained over "
+                             f"CLIP needs its folder: --text-encoder PATH): {e}") from None
+        self.proj = nn.Linear(self.clip.config.hidden_size, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.register_state_dict_post_hook(_drop_clip_keys)
+        self.register_load_state_dict_post_hook(_forgive_clip_keys)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.clip.eval()  # frozen: no dropout, whatever the generator's mode
+        return self
+
+    def forward(self, ids):
+        with torch.no_grad():
+            hidden = self.clip(input_ids=ids).last_hidden_state
+        return self.norm(self.proj(hidden))
+
+
+def _drop_clip_keys(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + "clip.")]:
+        del state_dict[key]
+
+
+def _forgive_clip_keys(module, incompatible):
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if ".clip." not in f".{k}"]
+
+
 class TokenGenerator(nn.Module):
     """Text-conditioned parallel masked decoding (MaskGIT) over the grid positions, with a small
     depth head that predicts a position's `num_levels` codes one after another.
@@ -184,14 +224,20 @@ class TokenGenerator(nn.Module):
     position's input is the sum of its level-code embeddings, or a mask embedding. The depth
     head reads the position's output plus the embeddings of the codes already chosen for that
     position's lower levels (teacher-forced in training), so the levels of one position stay
-    consistent while positions are decoded in parallel."""
+    consistent while positions are decoded in parallel.
+
+    The prompt goes through a small trainable TextEncoder, or, when the config names a
+    `clip_text_model` folder, through that frozen CLIP text model (ClipTextEncoder)."""
 
     def __init__(self, config, vocab_size, grid, codebook_size, num_levels):
         super().__init__()
         self.config = {**config, "vocab_size": vocab_size, "grid": grid, "codebook_size": codebook_size,
                        "num_levels": num_levels}
         dim, heads, mlp = config["dim"], config["heads"], config["mlp"]
-        self.text = TextEncoder(vocab_size, dim, config["text_depth"], heads, mlp, config["text_length"])
+        if config.get("clip_text_model"):
+            self.text = ClipTextEncoder(config["clip_text_model"], dim)
+        else:
+            self.text = TextEncoder(vocab_size, dim, config["text_depth"], heads, mlp, config["text_length"])
         positions = grid * grid
         self.code_embed = nn.Embedding(num_levels * codebook_size, dim)
         self.mask_embed = nn.Parameter(torch.randn(dim) * 0.02)

@@ -71,16 +71,21 @@ def load_refiner(path=None):
     return model.eval()
 
 
-def load_generator(path=None):
-    """(TokenGenerator, WordTokenizer) from a generator checkpoint."""
+def load_generator(path=None, text_encoder=None):
+    """(TokenGenerator, its prompt tokenizer) from a generator checkpoint. A generator trained
+    over a CLIP text model reads that model from the folder recorded at training time, or from
+    `text_encoder` when given (the CLIP weights are not in the checkpoint)."""
     meta, state, _ = _read(path or WEIGHTS / "generator.safetensors", "generator")
     config = json.loads(meta["config"])
     if meta.get("text_tokenizer") == "clip":
         tokenizer = rqdata.ClipBPETokenizer(config["text_length"])
     else:
         tokenizer = rqdata.WordTokenizer(json.loads(meta["vocab"]), max_length=config["text_length"])
-    model = TokenGenerator({k: config[k] for k in ("dim", "depth", "heads", "mlp", "text_depth", "text_length")},
-                           config["vocab_size"], config["grid"], config["codebook_size"], config["num_levels"])
+    keys = ("dim", "depth", "heads", "mlp", "text_depth", "text_length", "clip_text_model")
+    arch = {k: config[k] for k in keys if k in config}
+    if text_encoder is not None:
+        arch["clip_text_model"] = str(text_encoder)
+    model = TokenGenerator(arch, config["vocab_size"], config["grid"], config["codebook_size"], config["num_levels"])
     model.load_state_dict(state)
     return model.eval(), tokenizer
 
@@ -104,14 +109,19 @@ def perceptual_loss(a, b):
 
 
 @torch.no_grad()
-def tokenizer_metrics(model, images):
+def tokenizer_metrics(model, images, captions=None):
     """PSNR of the reconstruction from the first l levels (l = 1..levels) and codebook usage
-    (fraction of codes used) per level, on `images`."""
+    (fraction of codes used) per level, on `images`; with synthetic `captions`, also the share of
+    full reconstructions the adherence checker passes (the ceiling for generated images)."""
     model.eval()
     codes = model.encode(images)
     out = {}
     for level in range(1, codes.shape[-1] + 1):
-        out[f"psnr_l{level}"] = psnr(model.decode(codes[..., :level]), images)
+        recon = model.decode(codes[..., :level])
+        out[f"psnr_l{level}"] = psnr(recon, images)
+    if captions is not None:
+        out["checker_real_codes"] = sum(rqdata.check_adherence(im, c)["all"]
+                                        for im, c in zip(recon.clamp(0, 1), captions)) / len(captions)
     k = model.config["codebook_size"]
     for level in range(codes.shape[-1]):
         out[f"usage_l{level + 1}"] = codes[..., level].unique().numel() / k
@@ -163,13 +173,15 @@ def _progress(total, initial, desc):
 
 def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, lr=None, preset="shipped",
           resolution=None, tokenizer=None, checkpoint_every=200, eval_every=200, resume=False, seed=0,
-          bf16=False, text_tokenizer="word", log=print):
+          bf16=False, text_tokenizer="word", text_encoder=None, log=print):
     """Train one stage and return its final metrics. `tokenizer` is the RQ-VAE checkpoint the
     refiner and generator stages read (default: `<out>/tokenizer.safetensors` if present, else
     the shipped one). `bf16` runs the forward passes under bfloat16 autocast (the weights and the
     optimizer stay fp32; ResidualVQ always quantizes in fp32). `text_tokenizer` (generator):
     "word" (a vocabulary of the training captions' words) or "clip" (CLIP's BPE, 49,408 tokens:
-    12.6M embedding parameters at dim 256)."""
+    12.6M embedding parameters at dim 256). `text_encoder` (generator): a folder with a
+    transformers CLIPTextModel to condition on, frozen, instead of the small trainable text
+    encoder (implies the CLIP tokenizer)."""
     if stage not in STAGES:
         raise ValueError(f"rqvae train: stage must be one of {STAGES}, got {stage!r}")
     if preset not in PRESETS:
@@ -189,7 +201,7 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     resolution = resolution or config["tokenizer"]["resolution"]
     dataset = rqdata.open_dataset(data, resolution, seed=seed)
     heldout = rqdata.SyntheticShapes(resolution, seed=seed + 1, split="heldout") if data == "synthetic" else dataset
-    eval_images, _ = heldout.batch(range(64 if data == "synthetic" else min(64, len(dataset))))
+    eval_images, eval_captions = heldout.batch(range(64 if data == "synthetic" else min(64, len(dataset))))
 
     extra = {}
     if stage == "tokenizer":
@@ -198,6 +210,10 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
         model = Refiner(config["refiner"])
     else:
         length = config["generator"]["text_length"]
+        arch = dict(config["generator"])
+        if text_encoder is not None:
+            arch["clip_text_model"] = str(Path(text_encoder).resolve())
+            text_tokenizer = "clip"
         if text_tokenizer == "clip":
             words = rqdata.ClipBPETokenizer(length)
             extra["text_tokenizer"] = "clip"
@@ -208,11 +224,11 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
             extra.update(text_tokenizer="word", vocab=json.dumps(words.words))
         else:
             raise ValueError(f"rqvae train: text_tokenizer must be 'word' or 'clip', got {text_tokenizer!r}")
-        model = TokenGenerator(config["generator"], len(words), vq.grid, vq.config["codebook_size"],
-                               vq.config["num_levels"])
+        model = TokenGenerator(arch, len(words), vq.grid, vq.config["codebook_size"], vq.config["num_levels"])
     lr = lr or {"tokenizer": 2e-3, "refiner": 1e-3, "generator": 1e-3}[stage]
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "pos" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "pos" not in n)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not a frozen CLIP
+    decay = [p for n, p in trainable if p.dim() >= 2 and "embed" not in n and "pos" not in n]
+    rest = [p for n, p in trainable if not (p.dim() >= 2 and "embed" not in n and "pos" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
                                   lr=lr, betas=(0.9, 0.95))
 
@@ -253,7 +269,7 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
             if done % eval_every == 0 or done == steps:
                 metrics = {"step": done, "loss": loss.item(), **parts, "seconds": round(time.time() - began, 1)}
                 if stage == "tokenizer":
-                    metrics.update(tokenizer_metrics(model, eval_images))
+                    metrics.update(tokenizer_metrics(model, eval_images, eval_captions if data == "synthetic" else None))
                 elif stage == "refiner":
                     metrics.update(refiner_metrics(vq, model, eval_images))
                 metrics_file.write(json.dumps(metrics) + "\n")
@@ -282,9 +298,9 @@ def _step(stage, model, vq, words, images, captions, gen):
         return l1 + 0.5 * perc, {"l1": l1.item(), "perceptual": perc.item()}
     with torch.no_grad():
         codes = vq.encode(images).flatten(1, 2)
-    # Classifier-free guidance: a tenth of the prompts are dropped (all padding).
+    # Classifier-free guidance: a tenth of the prompts are replaced by the empty prompt.
     keep = torch.rand(len(captions), generator=gen) > 0.1
-    return model.loss(codes, words(captions) * keep[:, None], generator=gen), {}
+    return model.loss(codes, words([c if k else "" for c, k in zip(captions, keep)]), generator=gen), {}
 
 
 def _tokenizer_step(model, images, gen):
