@@ -41,9 +41,8 @@ def add_parser(subparsers):
     gen.add_argument("--weights", default=None,
                      help="directory with tokenizer/refiner/generator.safetensors (default: the shipped model)")
     gen.add_argument("--out", default="grid.png")
-    gen.add_argument("--steps", type=int, default=8, help="masked-decoding steps")
-    gen.add_argument("--guidance", type=float, default=3.0)
-    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (0: off)")
+    gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--no-quant", action="store_true", help="keep the generator's Linear layers in fp32")
     gen.add_argument("--no-refine", action="store_true", help="skip the refinement UNet")
     gen.add_argument("--text-encoder", default=None, metavar="FOLDER",
@@ -69,11 +68,13 @@ def run(args):
               checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume, seed=args.seed, bf16=args.bf16,
               text_tokenizer=args.text_tokenizer, text_encoder=args.text_encoder)
     elif args.rqvae_command == "generate":
-        from tinykern.pipelines.rqvae.generate import Pipeline, save_grid
+        from tinykern.pipelines.rqvae.generate import GUIDANCE, TEMPERATURE, Pipeline, save_grid
 
         pipe = Pipeline.load(args.weights, quantize=not args.no_quant, device=args.device, text_encoder=args.text_encoder)
-        images, stats = pipe.generate([args.prompt] * args.n, seed=args.seed, steps=args.steps,
-                                      guidance=args.guidance, temperature=args.temperature, refine=not args.no_refine)
+        images, stats = pipe.generate([args.prompt] * args.n, seed=args.seed,
+                                      guidance=GUIDANCE if args.guidance is None else args.guidance,
+                                      temperature=TEMPERATURE if args.temperature is None else args.temperature,
+                                      refine=not args.no_refine)
         save_grid(images, args.out)
         print(f"{args.n} images in {stats['seconds']:.2f} s: {stats['images_per_s']:.2f} images/s, "
               f"peak memory {stats['peak_memory_mb']:.0f} MB ({stats['memory_kind']}), "

@@ -14,11 +14,11 @@ def adherence(images, prompts):
     return {k: sum(c[k] for c in checks) / len(checks) for k in checks[0]}
 
 
-def compare(quant, dense, prompts, seed=0, steps=8):
+def compare(quant, dense, prompts, seed=0):
     """Same prompts and seed through the Q4_K and the fp32 generator: the share of identical
     codes (per level and overall), the PSNR between the two refined images, and each one's
     adherence."""
-    cq, cd = quant.codes(prompts, seed, steps), dense.codes(prompts, seed, steps)
+    cq, cd = quant.codes(prompts, seed), dense.codes(prompts, seed)
     same = cq == cd
     iq, idn = quant.decode(cq), dense.decode(cd)
     return {"code_agreement": float(same.float().mean()),

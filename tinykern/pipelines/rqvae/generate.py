@@ -13,6 +13,10 @@ import tinykern
 from tinykern.pipelines.rqvae.train import WEIGHTS, load_generator, load_refiner, load_tokenizer
 from tinykern.profile import stage
 
+# Sampling defaults of the CLI, the demo and the tests.
+GUIDANCE = 3.0
+TEMPERATURE = 1.0
+
 
 def quantize_generator(generator):
     """Every Linear of the generator (text encoder, transformer, depth head) to Q4_K, those of a
@@ -46,13 +50,12 @@ class Pipeline:
         return pipe
 
     @torch.no_grad()
-    def codes(self, prompts, seed=0, steps=8, guidance=3.0, temperature=1.0):
+    def codes(self, prompts, seed=0, guidance=GUIDANCE, temperature=TEMPERATURE):
         ids = self.words(prompts).to(self.device)
         null = self.words([""]).to(self.device)
         gen = torch.Generator(self.device).manual_seed(seed)
         with stage("rqvae.generate_tokens"):
-            return self.generator.generate(ids, null, steps=steps, guidance=guidance, temperature=temperature,
-                                           generator=gen)
+            return self.generator.generate(ids, null, guidance=guidance, temperature=temperature, generator=gen)
 
     @torch.no_grad()
     def decode(self, codes, refine=True):
@@ -63,14 +66,14 @@ class Pipeline:
                 images = self.refiner(images).clamp(0, 1)
         return images
 
-    def generate(self, prompts, seed=0, steps=8, guidance=3.0, temperature=1.0, refine=True):
+    def generate(self, prompts, seed=0, guidance=GUIDANCE, temperature=TEMPERATURE, refine=True):
         """(images [N, 3, R, R] in [0, 1], stats: seconds, images_per_s, peak_memory_mb,
         memory_kind)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        images = self.decode(self.codes(prompts, seed, steps, guidance, temperature), refine)
+        images = self.decode(self.codes(prompts, seed, guidance, temperature), refine)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

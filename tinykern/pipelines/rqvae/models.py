@@ -1,17 +1,16 @@
 """The three trainable models: RQVAE (image <-> residual codes), Refiner (a UNet restoring what
-the codes lose) and TokenGenerator (text -> codes by parallel masked decoding).
+the codes lose) and TokenGenerator (text -> codes, autoregressive over positions).
 
 Each takes a plain dict config so that it can be saved as safetensors metadata; the `STANDARD`
 configs are the documented 256x256 -> 16x16x4 system, the `SHIPPED` ones the small 64x64 ->
 8x8x4 model trained on this CPU and committed under weights/.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinykern import ops
 from tinykern.nn.residual_vq import ResidualVQ
 
 STANDARD = {
@@ -151,10 +150,16 @@ class Block(nn.Module):
         self.norm1, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp * dim), nn.Linear(mlp * dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, mask=None, cache=None):
+        """x [B, N, dim]; `mask` [N, N] (True: may attend); `cache` a dict that keeps this
+        block's keys and values across calls, so that decoding feeds one new token at a time."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+        if cache is not None:
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, n, d))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
@@ -217,107 +222,121 @@ def _forgive_clip_keys(module, incompatible):
 
 
 class TokenGenerator(nn.Module):
-    """Text-conditioned parallel masked decoding (MaskGIT) over the grid positions, with a small
-    depth head that predicts a position's `num_levels` codes one after another.
+    """Text-conditioned autoregressive generator of the codes (an RQ-Transformer with a light
+    depth head): a spatial transformer reads [prompt features ; start token ; positions 0..P-2]
+    with the prompt visible to every position and a causal mask over the positions, so its
+    output at position i depends on the prompt and the codes of positions < i (raster order).
+    The depth head then predicts position i's `num_levels` codes one after another, each from
+    that output plus the partial sum of the codes already chosen for its lower levels
+    (teacher-forced in training).
 
-    The transformer sees [text features ; one token per position] with full attention; a
-    position's input is the sum of its level-code embeddings, or a mask embedding. The depth
-    head reads the position's output plus the embeddings of the codes already chosen for that
-    position's lower levels (teacher-forced in training), so the levels of one position stay
-    consistent while positions are decoded in parallel.
+    Codes are read through the tokenizer's own codebooks (`codebooks`, a copy taken when
+    training starts): a position's input is a projection of its quantized latent, the sum of
+    its codewords (tinykern.ops.rvq_decode), so codes that draw alike start out alike instead
+    of as unrelated learned embeddings.
 
     The prompt goes through a small trainable TextEncoder, or, when the config names a
     `clip_text_model` folder, through that frozen CLIP text model (ClipTextEncoder)."""
 
-    def __init__(self, config, vocab_size, grid, codebook_size, num_levels):
+    def __init__(self, config, vocab_size, grid, codebook_size, num_levels, code_dim):
         super().__init__()
         self.config = {**config, "vocab_size": vocab_size, "grid": grid, "codebook_size": codebook_size,
-                       "num_levels": num_levels}
+                       "num_levels": num_levels, "code_dim": code_dim}
         dim, heads, mlp = config["dim"], config["heads"], config["mlp"]
         if config.get("clip_text_model"):
             self.text = ClipTextEncoder(config["clip_text_model"], dim)
         else:
             self.text = TextEncoder(vocab_size, dim, config["text_depth"], heads, mlp, config["text_length"])
-        positions = grid * grid
-        self.code_embed = nn.Embedding(num_levels * codebook_size, dim)
-        self.mask_embed = nn.Parameter(torch.randn(dim) * 0.02)
-        self.pos = nn.Parameter(torch.randn(positions, dim) * 0.02)
+        self.register_buffer("codebooks", torch.randn(num_levels, codebook_size, code_dim))
+        self.code_in = nn.Linear(code_dim, dim)
+        self.start = nn.Parameter(torch.randn(dim) * 0.02)
+        # Row + column embeddings: "above"/"left of" are about rows and columns.
+        self.row_pos = nn.Parameter(torch.randn(grid, 1, dim) * 0.02)
+        self.col_pos = nn.Parameter(torch.randn(1, grid, dim) * 0.02)
         self.blocks = nn.ModuleList([Block(dim, heads, mlp) for _ in range(config["depth"])])
         self.norm = nn.LayerNorm(dim)
-        self.depth_embed = nn.Embedding(num_levels * codebook_size, dim)
+        self.depth_in = nn.Linear(code_dim, dim)
         self.depth_norm = nn.LayerNorm(dim)
         self.depth_fc = nn.Linear(dim, dim)
         self.depth_out = nn.ModuleList([nn.Linear(dim, codebook_size) for _ in range(num_levels)])
-        self.register_buffer("level_offset", torch.arange(num_levels) * codebook_size, persistent=False)
 
-    def hidden(self, codes, masked, ids):
-        """Transformer output per position [B, P, dim] for codes [B, P, L] (ignored where
-        `masked` [B, P] is set) and prompt ids [B, T]."""
+    def set_codebooks(self, codebooks):
+        """Take the tokenizer's codebooks [num_levels, K, code_dim] (ResidualVQ.level_codebooks())."""
+        self.codebooks.copy_(codebooks)
+
+    def _latent(self, codes):
+        """The sum of the codewords of codes [..., l]: [..., code_dim]."""
+        lead, levels = codes.shape[:-1], codes.shape[-1]
+        return ops.rvq_decode(codes.reshape(-1, levels), self.codebooks[:levels]).reshape(*lead, -1)
+
+    def _positions(self):
+        return (self.row_pos + self.col_pos).flatten(0, 1)
+
+    def _inputs(self, codes):
+        """Input of each position: the start token, then position i-1's codes [B, P, dim]."""
+        emb = self.code_in(self._latent(codes[:, :-1]))
+        start = self.start.expand(codes.shape[0], 1, -1)
+        return torch.cat([start, emb], 1) + self._positions()
+
+    def hidden(self, codes, ids):
+        """Spatial transformer output per position [B, P, dim] for codes [B, P, L] (position i
+        sees only positions < i) and prompt ids [B, T]."""
         text = self.text(ids)
-        emb = self.code_embed(codes.clamp(min=0) + self.level_offset).sum(2)
-        x = torch.where(masked[..., None], self.mask_embed, emb) + self.pos
-        h = torch.cat([text, x], 1)
+        t, p = text.shape[1], codes.shape[1]
+        i = torch.arange(t + p, device=codes.device)
+        # The prompt attends to itself only; position rows attend to the prompt and to the
+        # positions up to their own.
+        mask = (i[None, :] < t) | ((i[:, None] >= t) & (i[None, :] <= i[:, None]))
+        h = torch.cat([text, self._inputs(codes)], 1)
         for block in self.blocks:
-            h = block(h)
-        return self.norm(h[:, text.shape[1]:])
+            h = block(h, mask)
+        return self.norm(h[:, t:])
 
     def level_logits(self, h, codes, level):
-        """Logits [B, P, K] of `level` given the position outputs h and the codes of the lower
+        """Logits [..., K] of `level` given the position outputs h and the codes of the lower
         levels codes[..., :level]."""
         if level:
-            h = h + self.depth_embed(codes[..., :level] + self.level_offset[:level]).sum(-2)
+            h = h + self.depth_in(self._latent(codes[..., :level]))
         return self.depth_out[level](F.gelu(self.depth_fc(self.depth_norm(h))))
 
-    def loss(self, codes, ids, generator=None):
-        """Masked-token cross entropy, averaged over the masked positions and all levels; the
-        mask ratio follows MaskGIT's cosine schedule."""
-        b, p, levels = codes.shape
-        ratio = torch.cos(math.pi / 2 * torch.rand(b, 1, generator=generator))
-        count = (ratio * p).ceil().clamp(min=1)
-        rank = torch.rand(b, p, generator=generator).argsort(1).argsort(1)
-        masked = rank < count
-        h = self.hidden(codes, masked, ids)[masked]
-        target = codes[masked]
-        return sum(F.cross_entropy(self.level_logits(h, target, level), target[:, level])
+    def loss(self, codes, ids):
+        """Next-position cross entropy over every position and level, averaged over levels."""
+        h = self.hidden(codes, ids)
+        levels = codes.shape[-1]
+        return sum(F.cross_entropy(self.level_logits(h, codes, level).flatten(0, 1), codes[..., level].flatten())
                    for level in range(levels)) / levels
 
     @torch.no_grad()
-    def generate(self, ids, null_ids, steps=8, guidance=3.0, temperature=1.0, generator=None):
-        """Codes [B, grid, grid, levels] for prompt ids [B, T]; null_ids [1, T] is the empty
-        prompt for classifier-free guidance (guidance 0 turns it off)."""
+    def generate(self, ids, null_ids, guidance=3.0, temperature=1.0, generator=None):
+        """Codes [B, grid, grid, levels] for prompt ids [B, T], position by position with a
+        key/value cache; null_ids [1, T] is the empty prompt for classifier-free guidance
+        (guidance 0 turns it off), run in the same batch as the prompts."""
         b = ids.shape[0]
         grid, levels = self.config["grid"], self.config["num_levels"]
-        p = grid * grid
-        codes = torch.zeros(b, p, levels, dtype=torch.long, device=ids.device)
-        masked = torch.ones(b, p, dtype=torch.bool, device=ids.device)
         guided = guidance > 0
-        text = torch.cat([ids, null_ids.expand(b, -1)]) if guided else ids
-        for step in range(steps):
-            h = self.hidden(torch.cat([codes, codes]) if guided else codes,
-                            torch.cat([masked, masked]) if guided else masked, text)
-            sampled = torch.zeros_like(codes)
-            confidence = torch.zeros(b, p, device=ids.device)
+        h = self.text(torch.cat([ids, null_ids.expand(b, -1)]) if guided else ids)
+        caches = [{} for _ in self.blocks]
+        for block, cache in zip(self.blocks, caches):  # the prompt, once: it attends to itself only
+            h = block(h, cache=cache)
+        rows = h.shape[0]
+        positions = self._positions()
+        x = self.start.expand(rows, 1, -1)
+        codes = torch.zeros(b, grid * grid, levels, dtype=torch.long, device=ids.device)
+        for i in range(grid * grid):
+            h = x + positions[i]
+            for block, cache in zip(self.blocks, caches):
+                h = block(h, cache=cache)
+            h = self.norm(h)
+            chosen = torch.zeros(rows, 1, levels, dtype=torch.long, device=ids.device)
             for level in range(levels):
-                both = torch.cat([sampled, sampled]) if guided else sampled
-                logits = self.level_logits(h, both, level).float()
+                logits = self.level_logits(h, chosen, level).float()
                 if guided:
                     cond, uncond = logits.chunk(2)
                     logits = uncond + (1 + guidance) * (cond - uncond)
-                logp = F.log_softmax(logits, -1)
-                pick = _sample(logp / max(temperature, 1e-6), generator)
-                sampled[..., level] = pick
-                confidence += logp.gather(-1, pick[..., None])[..., 0]
-            codes = torch.where(masked[..., None], sampled, codes)
-            remaining = math.floor(p * math.cos(math.pi / 2 * (step + 1) / steps))
-            if remaining == 0:
-                break
-            # Keep the `remaining` least confident still-masked positions masked; noise on the
-            # confidence, fading over the steps, keeps early choices diverse (MaskGIT).
-            noise = -torch.log(-torch.log(torch.rand(b, p, generator=generator, device=ids.device).clamp(1e-9, 1 - 1e-9)))
-            score = confidence + temperature * (1 - (step + 1) / steps) * noise
-            score = torch.where(masked, score, torch.full_like(score, math.inf))
-            rank = score.argsort(1).argsort(1)
-            masked = rank < remaining
+                pick = _sample(F.log_softmax(logits, -1) / max(temperature, 1e-6), generator)
+                chosen[..., level] = pick.repeat(2, 1) if guided else pick
+            codes[:, i] = chosen[:b, 0]
+            x = self.code_in(self._latent(chosen))
         return codes.reshape(b, grid, grid, levels)
 
 

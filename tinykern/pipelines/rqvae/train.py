@@ -85,7 +85,8 @@ def load_generator(path=None, text_encoder=None):
     arch = {k: config[k] for k in keys if k in config}
     if text_encoder is not None:
         arch["clip_text_model"] = str(text_encoder)
-    model = TokenGenerator(arch, config["vocab_size"], config["grid"], config["codebook_size"], config["num_levels"])
+    model = TokenGenerator(arch, config["vocab_size"], config["grid"], config["codebook_size"], config["num_levels"],
+                           config["code_dim"])
     model.load_state_dict(state)
     return model.eval(), tokenizer
 
@@ -224,7 +225,9 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
             extra.update(text_tokenizer="word", vocab=json.dumps(words.words))
         else:
             raise ValueError(f"rqvae train: text_tokenizer must be 'word' or 'clip', got {text_tokenizer!r}")
-        model = TokenGenerator(arch, len(words), vq.grid, vq.config["codebook_size"], vq.config["num_levels"])
+        books = vq.quantizer.level_codebooks()
+        model = TokenGenerator(arch, len(words), vq.grid, books.shape[1], books.shape[0], books.shape[2])
+        model.set_codebooks(books)
     lr = lr or {"tokenizer": 2e-3, "refiner": 1e-3, "generator": 1e-3}[stage]
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # not a frozen CLIP
     decay = [p for n, p in trainable if p.dim() >= 2 and "embed" not in n and "pos" not in n]
@@ -300,7 +303,7 @@ def _step(stage, model, vq, words, images, captions, gen):
         codes = vq.encode(images).flatten(1, 2)
     # Classifier-free guidance: a tenth of the prompts are replaced by the empty prompt.
     keep = torch.rand(len(captions), generator=gen) > 0.1
-    return model.loss(codes, words([c if k else "" for c, k in zip(captions, keep)]), generator=gen), {}
+    return model.loss(codes, words([c if k else "" for c, k in zip(captions, keep)])), {}
 
 
 def _tokenizer_step(model, images, gen):
