@@ -74,8 +74,8 @@ def test_generator_linears_quantize_to_q4k():
     gen = TokenGenerator(SHIPPED["generator"], vocab_size=30, grid=8, codebook_size=256, num_levels=4, code_dim=64).eval()
     ids = torch.randint(1, 30, (2, SHIPPED["generator"]["text_length"]))
     report = quantize_generator(gen)
-    # Every Linear but the two 64 -> 256 projections of the codebook latents, whose rows are
-    # shorter than a Q4_K super-block.
+    # Every Linear but the two 64 -> 256 projections of single codebook latents, whose rows are
+    # shorter than min_features (128).
     assert {r.name for r in report if r.format != "q4_k"} == {"code_in", "depth_in"}
     assert {n for n, m in gen.named_modules() if type(m) is torch.nn.Linear} == {"code_in", "depth_in"}
     assert any(isinstance(m, Q4Linear) for m in gen.modules())

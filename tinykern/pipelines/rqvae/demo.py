@@ -16,13 +16,22 @@ def adherence(images, prompts):
 
 def compare(quant, dense, prompts, seed=0):
     """Same prompts and seed through the Q4_K and the fp32 generator: the share of identical
-    codes (per level and overall), the PSNR between the two refined images, and each one's
-    adherence."""
+    sampled codes (per level and overall; sampling is sequential, so one differing code changes
+    everything after it), the share of positions and levels where both predict the same most
+    likely code given the fp32 generator's codes so far (teacher-forced, per level), the PSNR
+    between the two refined images, and each one's adherence."""
     cq, cd = quant.codes(prompts, seed), dense.codes(prompts, seed)
     same = cq == cd
+    ids, codes = dense.words(prompts).to(dense.device), cd.flatten(1, 2)
+    with torch.no_grad():
+        hq, hd = quant.generator.hidden(codes, ids), dense.generator.hidden(codes, ids)
+        top1 = [float((quant.generator.level_logits(hq, codes, level).argmax(-1) ==
+                       dense.generator.level_logits(hd, codes, level).argmax(-1)).float().mean())
+                for level in range(codes.shape[-1])]
     iq, idn = quant.decode(cq), dense.decode(cd)
     return {"code_agreement": float(same.float().mean()),
             "code_agreement_per_level": same.flatten(0, 2).float().mean(0).tolist(),
+            "top1_agreement_per_level": top1,
             "image_psnr_q_vs_fp32": psnr(iq, idn),
             "adherence_q4k": adherence(iq, prompts)["all"], "adherence_fp32": adherence(idn, prompts)["all"]}
 
@@ -48,7 +57,9 @@ def run(out="rqvae-demo.png", device="cpu", prompts=None, per_prompt=4, seed=0, 
         memory = f"{r['peak_memory_mb']:.0f} MB {'RSS' if 'RSS' in r['memory_kind'] else 'CUDA'}"
         print(f"{name:<10} {r['images_per_s']:>9.2f} {memory:>22} {r['adherence']:>10.0%}")
     levels = ", ".join(f"{a:.0%}" for a in agree["code_agreement_per_level"])
-    print(f"Q4_K vs fp32, same seed: {agree['code_agreement']:.1%} identical codes (per level {levels}), "
+    top1 = ", ".join(f"{a:.0%}" for a in agree["top1_agreement_per_level"])
+    print(f"Q4_K vs fp32, same seed: {agree['code_agreement']:.1%} identical sampled codes (per level {levels}); "
+          f"same most likely code given the same prefix: {top1} per level; "
           f"image PSNR {agree['image_psnr_q_vs_fp32']:.1f} dB")
     before, after = pipes["q4_k"].quant_report.totals()
     print(f"generator Linear weights: {before / 2**20:.2f} MiB fp32 -> {after / 2**20:.2f} MiB Q4_K")

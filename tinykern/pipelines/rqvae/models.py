@@ -231,9 +231,10 @@ class TokenGenerator(nn.Module):
     (teacher-forced in training).
 
     Codes are read through the tokenizer's own codebooks (`codebooks`, a copy taken when
-    training starts): a position's input is a projection of its quantized latent, the sum of
-    its codewords (tinykern.ops.rvq_decode), so codes that draw alike start out alike instead
-    of as unrelated learned embeddings.
+    training starts): a position's input is a projection of the quantized latents (the sums of
+    codewords, tinykern.ops.rvq_decode) of the position before it in raster order and of the
+    three above it (above-left, above, above-right), so codes that draw alike start out alike
+    and an edge begun on the row above is in plain view of the position that continues it.
 
     The prompt goes through a small trainable TextEncoder, or, when the config names a
     `clip_text_model` folder, through that frozen CLIP text model (ClipTextEncoder)."""
@@ -249,6 +250,7 @@ class TokenGenerator(nn.Module):
             self.text = TextEncoder(vocab_size, dim, config["text_depth"], heads, mlp, config["text_length"])
         self.register_buffer("codebooks", torch.randn(num_levels, codebook_size, code_dim))
         self.code_in = nn.Linear(code_dim, dim)
+        self.above_in = nn.Linear(3 * code_dim, dim)
         self.start = nn.Parameter(torch.randn(dim) * 0.02)
         # Row + column embeddings: "above"/"left of" are about rows and columns.
         self.row_pos = nn.Parameter(torch.randn(grid, 1, dim) * 0.02)
@@ -272,11 +274,21 @@ class TokenGenerator(nn.Module):
     def _positions(self):
         return (self.row_pos + self.col_pos).flatten(0, 1)
 
+    def _above(self, latent):
+        """The latents above-left, above and above-right of every position (zero off the grid)
+        for latents [B, grid, grid, D]: [B, P, 3D]."""
+        g = self.config["grid"]
+        padded = F.pad(latent, (0, 0, 1, 1, 1, 0))  # a zero row on top, a zero column each side
+        return torch.cat([padded[:, :g, c:c + g] for c in range(3)], -1).flatten(1, 2)
+
     def _inputs(self, codes):
-        """Input of each position: the start token, then position i-1's codes [B, P, dim]."""
-        emb = self.code_in(self._latent(codes[:, :-1]))
+        """Input of each position [B, P, dim]: the start token or the previous position's codes,
+        plus the codes of the three positions above."""
+        g = self.config["grid"]
+        latent = self._latent(codes)
         start = self.start.expand(codes.shape[0], 1, -1)
-        return torch.cat([start, emb], 1) + self._positions()
+        prev = torch.cat([start, self.code_in(latent[:, :-1])], 1)
+        return prev + self.above_in(self._above(latent.unflatten(1, (g, g)))) + self._positions()
 
     def hidden(self, codes, ids):
         """Spatial transformer output per position [B, P, dim] for codes [B, P, L] (position i
@@ -322,8 +334,9 @@ class TokenGenerator(nn.Module):
         positions = self._positions()
         x = self.start.expand(rows, 1, -1)
         codes = torch.zeros(b, grid * grid, levels, dtype=torch.long, device=ids.device)
+        latent = torch.zeros(rows, grid, grid, self.config["code_dim"], device=ids.device)
         for i in range(grid * grid):
-            h = x + positions[i]
+            h = x + self.above_in(self._above(latent)[:, i:i + 1]) + positions[i]
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache=cache)
             h = self.norm(h)
@@ -336,7 +349,8 @@ class TokenGenerator(nn.Module):
                 pick = _sample(F.log_softmax(logits, -1) / max(temperature, 1e-6), generator)
                 chosen[..., level] = pick.repeat(2, 1) if guided else pick
             codes[:, i] = chosen[:b, 0]
-            x = self.code_in(self._latent(chosen))
+            latent[:, i // grid, i % grid] = self._latent(chosen)[:, 0]
+            x = self.code_in(latent[:, i // grid, i % grid, None])
         return codes.reshape(b, grid, grid, levels)
 
 
