@@ -283,12 +283,17 @@ class TokenGenerator(nn.Module):
     def _positions(self):
         return (self.row_pos + self.col_pos).flatten(0, 1)
 
-    def _above(self, latent):
-        """The latents above-left, above and above-right of every position (zero off the grid)
-        for latents [B, grid, grid, D]: [B, P, 3D]."""
+    def _above(self, padded):
+        """The latents above-left, above and above-right of every position, [B, P, 3D], from the
+        latents laid out as `_padded` does ([B, grid + 1, grid + 2, D])."""
         g = self.config["grid"]
-        padded = F.pad(latent, (0, 0, 1, 1, 1, 0))  # a zero row on top, a zero column each side
         return torch.cat([padded[:, :g, c:c + g] for c in range(3)], -1).flatten(1, 2)
+
+    @staticmethod
+    def _padded(latent):
+        """Latents [B, grid, grid, D] with a zero row on top and a zero column each side, so
+        position (r, c)'s row above is padded[:, r, c:c + 3]."""
+        return F.pad(latent, (0, 0, 1, 1, 1, 0))
 
     def _inputs(self, codes):
         """Input of each position [B, P, dim]: the start token or the previous position's codes,
@@ -297,7 +302,7 @@ class TokenGenerator(nn.Module):
         latent = self._latent(codes)
         start = self.start.expand(codes.shape[0], 1, -1)
         prev = torch.cat([start, self.code_in(latent[:, :-1])], 1)
-        return prev + self.above_in(self._above(latent.unflatten(1, (g, g)))) + self._positions()
+        return prev + self.above_in(self._above(self._padded(latent.unflatten(1, (g, g))))) + self._positions()
 
     def hidden(self, codes, ids):
         """Spatial transformer output per position [B, P, dim] for codes [B, P, L] (position i
@@ -343,9 +348,11 @@ class TokenGenerator(nn.Module):
         positions = self._positions()
         x = self.start.expand(rows, 1, -1)
         codes = torch.zeros(b, grid * grid, levels, dtype=torch.long, device=ids.device)
-        latent = torch.zeros(rows, grid, grid, self.config["code_dim"], device=ids.device)
+        # The latents chosen so far, in _padded's layout: only the row above is read per step.
+        padded = torch.zeros(rows, grid + 1, grid + 2, self.config["code_dim"], device=ids.device)
         for i in range(grid * grid):
-            h = x + self.above_in(self._above(latent)[:, i:i + 1]) + positions[i]
+            r, c = divmod(i, grid)
+            h = x + self.above_in(padded[:, r, c:c + 3].flatten(1))[:, None] + positions[i]
             for block, cache in zip(self.blocks, caches):
                 h = block(h, cache=cache)
             h = self.norm(h)
@@ -358,8 +365,8 @@ class TokenGenerator(nn.Module):
                 pick = _sample(F.log_softmax(logits, -1) / max(temperature, 1e-6), generator)
                 chosen[..., level] = pick.repeat(2, 1) if guided else pick
             codes[:, i] = chosen[:b, 0]
-            latent[:, i // grid, i % grid] = self._latent(chosen)[:, 0]
-            x = self.code_in(latent[:, i // grid, i % grid, None])
+            padded[:, r + 1, c + 1] = self._latent(chosen)[:, 0]
+            x = self.code_in(padded[:, r + 1, c + 1, None])
         return codes.reshape(b, grid, grid, levels)
 
 
