@@ -108,6 +108,23 @@ def test_resume_continues_from_the_last_checkpoint(folder, tmp_path):
     assert steps == [1, 2, 3]
 
 
+def test_init_starts_from_trained_weights_and_refuses_another_config(folder, tmp_path):
+    torch.manual_seed(0)
+    first = tmp_path / "first"
+    train("tokenizer", data=str(folder), out=first, steps=2, batch_size=2, log=quiet)
+    lines = []
+    train("tokenizer", data=str(folder), out=tmp_path / "second", steps=1, batch_size=2, lr=1e-12,
+          init=first / "tokenizer.safetensors", log=lines.append)
+    assert any("starting from the weights" in line for line in lines)
+    before, after = load_tokenizer(first / "tokenizer.safetensors"), load_tokenizer(tmp_path / "second" / "tokenizer.safetensors")
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        if "quantizer" not in name:  # the codebooks' EMA moves without the optimizer
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+    with pytest.raises(ValueError, match="cannot start from .*config"):
+        train("tokenizer", data=str(folder), out=tmp_path / "third", steps=1, batch_size=2, resolution=32,
+              init=first / "tokenizer.safetensors", log=quiet)
+
+
 def test_training_on_an_unreadable_image_names_it(folder, tmp_path):
     (folder / "img1.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(ValueError, match="cannot read image .*img1.png"):
@@ -123,7 +140,9 @@ def test_training_on_an_empty_folder_names_it(tmp_path):
 def test_cli_parser():
     parser = argparse.ArgumentParser()
     cli.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["rqvae", "train", "generator", "--data", "synthetic", "--steps", "5", "--resume"])
-    assert (args.rqvae_command, args.stage, args.steps, args.resume) == ("train", "generator", 5, True)
+    args = parser.parse_args(["rqvae", "train", "generator", "--data", "synthetic", "--steps", "5", "--resume",
+                              "--init", "g.safetensors"])
+    assert (args.rqvae_command, args.stage, args.steps, args.resume, args.init) == \
+        ("train", "generator", 5, True, "g.safetensors")
     args = parser.parse_args(["rqvae", "generate", "--prompt", "a red circle", "--n", "2", "--no-quant", "--out", "g.png"])
     assert args.no_quant and args.n == 2 and args.out == "g.png"

@@ -25,6 +25,9 @@ def add_parser(subparsers):
     train.add_argument("--checkpoint-every", type=int, default=200)
     train.add_argument("--eval-every", type=int, default=200)
     train.add_argument("--resume", action="store_true", help="continue from OUT/<stage>-last.safetensors")
+    train.add_argument("--init", default=None, metavar="WEIGHTS",
+                       help="start from this trained checkpoint of the stage (same config): fine-tuning with a "
+                            "fresh optimizer and schedule")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     train.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
@@ -66,7 +69,7 @@ def run(args):
         train(args.stage, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
               preset=args.preset, resolution=args.resolution, tokenizer=args.tokenizer,
               checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, resume=args.resume, seed=args.seed, bf16=args.bf16,
-              text_tokenizer=args.text_tokenizer, text_encoder=args.text_encoder)
+              text_tokenizer=args.text_tokenizer, text_encoder=args.text_encoder, init=args.init)
     elif args.rqvae_command == "generate":
         from tinykern.pipelines.rqvae.generate import GUIDANCE, TEMPERATURE, Pipeline, save_grid
 

@@ -174,7 +174,7 @@ def _progress(total, initial, desc):
 
 def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, lr=None, preset="shipped",
           resolution=None, tokenizer=None, checkpoint_every=200, eval_every=200, resume=False, seed=0,
-          bf16=False, text_tokenizer="word", text_encoder=None, log=print):
+          bf16=False, text_tokenizer="word", text_encoder=None, init=None, log=print):
     """Train one stage and return its final metrics. `tokenizer` is the RQ-VAE checkpoint the
     refiner and generator stages read (default: `<out>/tokenizer.safetensors` if present, else
     the shipped one). `bf16` runs the forward passes under bfloat16 autocast (the weights and the
@@ -182,7 +182,9 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     "word" (a vocabulary of the training captions' words) or "clip" (CLIP's BPE, 49,408 tokens:
     12.6M embedding parameters at dim 256). `text_encoder` (generator): a folder with a
     transformers CLIPTextModel to condition on, frozen, instead of the small trainable text
-    encoder (implies the CLIP tokenizer)."""
+    encoder (implies the CLIP tokenizer). `init`: a trained checkpoint of this stage and
+    configuration to start from (fine-tuning: a fresh optimizer and learning-rate schedule;
+    `resume` takes precedence when there is a checkpoint to resume)."""
     if stage not in STAGES:
         raise ValueError(f"rqvae train: stage must be one of {STAGES}, got {stage!r}")
     if preset not in PRESETS:
@@ -238,8 +240,11 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     start = 0
     last = out / f"{stage}-last.safetensors"
     if resume and last.is_file():
-        start = _resume(last, stage, model, optimizer)
+        start = _resume(last, stage, model, optimizer, extra)
         log(f"rqvae {stage}: resumed from {last} at step {start}")
+    elif init:
+        _matching(init, stage, model, extra)
+        log(f"rqvae {stage}: starting from the weights in {init}")
     elif resume:
         log(f"rqvae {stage}: nothing to resume at {last}; starting fresh")
     log(f"rqvae {stage}: {count_parameters(model):,} parameters, data={data}, resolution={resolution}, "
@@ -322,11 +327,20 @@ def _tokenizer_step(model, images, gen):
     return mse + l1 + commit, {"mse": mse.item(), "l1": l1.item(), "commit": commit.item()}
 
 
-def _resume(path, stage, model, optimizer):
+def _matching(path, stage, model, extra):
+    """Load into `model` the weights of a checkpoint with the same config (and, for a word-level
+    generator, the same vocabulary); (metadata, optimizer state)."""
     meta, state, optim = _read(path, stage)
     if json.loads(meta["config"]) != model.config:
-        raise ValueError(f"rqvae: cannot resume from {path}: its config {meta['config']} differs from {model.config}")
+        raise ValueError(f"rqvae: cannot start from {path}: its config {meta['config']} differs from {model.config}")
+    if meta.get("vocab") != extra.get("vocab"):
+        raise ValueError(f"rqvae: cannot start from {path}: its prompt vocabulary differs from this run's")
     model.load_state_dict(state)
+    return meta, optim
+
+
+def _resume(path, stage, model, optimizer, extra):
+    meta, optim = _matching(path, stage, model, extra)
     params = dict(model.named_parameters())
     for key, value in optim.items():
         name, _, slot = key.rpartition(".")
