@@ -151,16 +151,34 @@ class Block(nn.Module):
         self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, mlp * dim), nn.Linear(mlp * dim, dim)
 
     def forward(self, x, mask=None, cache=None):
-        """x [B, N, dim]; `mask` [N, N] (True: may attend); `cache` a dict that keeps this
+        """x [B, N, dim]; `mask` [N, N] (True: may attend); `cache` a KVCache that keeps this
         block's keys and values across calls, so that decoding feeds one new token at a time."""
         b, n, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
-            cache["k"], cache["v"] = k, v
+            k, v = cache.append(k, v)
         x = x + self.proj(_attention(q, k, v, mask).transpose(1, 2).reshape(b, n, d))
         return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class KVCache:
+    """One block's keys and values [B, heads, capacity, d], filled in order: decoding appends a
+    token per step into memory allocated once."""
+
+    def __init__(self, capacity):
+        self.capacity, self.length, self.k, self.v = capacity, 0, None, None
+
+    def append(self, k, v):
+        """Store k, v [B, heads, n, d] after the tokens so far; (keys, values) of all of them."""
+        if self.k is None:
+            shape = (*k.shape[:2], self.capacity, k.shape[-1])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KVCache: {end} tokens do not fit the capacity of {self.capacity}")
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def _attention(q, k, v, mask):
@@ -341,7 +359,7 @@ class TokenGenerator(nn.Module):
         grid, levels = self.config["grid"], self.config["num_levels"]
         guided = guidance > 0
         h = self.text(torch.cat([ids, null_ids.expand(b, -1)]) if guided else ids)
-        caches = [{} for _ in self.blocks]
+        caches = [KVCache(h.shape[1] + grid * grid) for _ in self.blocks]
         for block, cache in zip(self.blocks, caches):  # the prompt, once: it attends to itself only
             h = block(h, cache=cache)
         rows = h.shape[0]
