@@ -56,7 +56,7 @@ def test_cached_decoding_matches_the_causal_full_pass():
     codes = gen.generate(ids, ids[:1], guidance=0, temperature=1e-9).flatten(1, 2)
     with torch.no_grad():
         h = gen.hidden(codes, ids)
-        greedy = torch.stack([gen.level_logits(h, codes, level).argmax(-1) for level in range(3)], -1)
+        greedy = torch.stack([logits.argmax(-1) for logits in gen.teacher_forced_logits(h, codes)], -1)
         assert torch.equal(greedy, codes)
         changed = codes.clone()
         changed[:, 9:] = (changed[:, 9:] + 1) % 16

@@ -25,9 +25,8 @@ def compare(quant, dense, prompts, seed=0):
     ids, codes = dense.words(prompts).to(dense.device), cd.flatten(1, 2)
     with torch.no_grad():
         hq, hd = quant.generator.hidden(codes, ids), dense.generator.hidden(codes, ids)
-        top1 = [float((quant.generator.level_logits(hq, codes, level).argmax(-1) ==
-                       dense.generator.level_logits(hd, codes, level).argmax(-1)).float().mean())
-                for level in range(codes.shape[-1])]
+        top1 = [float((lq.argmax(-1) == ld.argmax(-1)).float().mean()) for lq, ld in
+                zip(quant.generator.teacher_forced_logits(hq, codes), dense.generator.teacher_forced_logits(hd, codes))]
     iq, idn = quant.decode(cq), dense.decode(cd)
     return {"code_agreement": float(same.float().mean()),
             "code_agreement_per_level": same.flatten(0, 2).float().mean(0).tolist(),

@@ -293,10 +293,11 @@ class TokenGenerator(nn.Module):
         """Take the tokenizer's codebooks [num_levels, K, code_dim] (ResidualVQ.level_codebooks())."""
         self.codebooks.copy_(codebooks)
 
-    def _latent(self, codes):
-        """The sum of the codewords of codes [..., l]: [..., code_dim]."""
+    def _latent(self, codes, first=0):
+        """The sum of the codewords of codes [..., l] of levels first..first + l - 1: [..., code_dim]."""
         lead, levels = codes.shape[:-1], codes.shape[-1]
-        return ops.rvq_decode(codes.reshape(-1, levels), self.codebooks[:levels]).reshape(*lead, -1)
+        books = self.codebooks[first:first + levels]
+        return ops.rvq_decode(codes.reshape(-1, levels), books).reshape(*lead, -1)
 
     def _positions(self):
         return (self.row_pos + self.col_pos).flatten(0, 1)
@@ -336,19 +337,29 @@ class TokenGenerator(nn.Module):
             h = block(h, mask)
         return self.norm(h[:, t:])
 
-    def level_logits(self, h, codes, level):
-        """Logits [..., K] of `level` given the position outputs h and the codes of the lower
-        levels codes[..., :level]."""
+    def level_logits(self, h, partial, level):
+        """Logits [..., K] of `level` given the position outputs h and `partial`, the sum of the
+        codewords chosen for the lower levels (None at level 0)."""
         if level:
-            h = h + self.depth_in(self._latent(codes[..., :level]))
+            h = h + self.depth_in(partial)
         return self.depth_out[level](F.gelu(self.depth_fc(self.depth_norm(h))))
+
+    def teacher_forced_logits(self, h, codes):
+        """Logits of every level, a list of [..., K], each given the lower levels of codes
+        [..., L] (a running sum of their codewords)."""
+        logits, partial = [], None
+        for level in range(codes.shape[-1]):
+            logits.append(self.level_logits(h, partial, level))
+            if level + 1 < codes.shape[-1]:
+                word = self._latent(codes[..., level:level + 1], first=level)
+                partial = word if partial is None else partial + word
+        return logits
 
     def loss(self, codes, ids):
         """Next-position cross entropy over every position and level, averaged over levels."""
-        h = self.hidden(codes, ids)
-        levels = codes.shape[-1]
-        return sum(F.cross_entropy(self.level_logits(h, codes, level).flatten(0, 1), codes[..., level].flatten())
-                   for level in range(levels)) / levels
+        logits = self.teacher_forced_logits(self.hidden(codes, ids), codes)
+        return sum(F.cross_entropy(lg.flatten(0, 1), codes[..., level].flatten())
+                   for level, lg in enumerate(logits)) / len(logits)
 
     @torch.no_grad()
     def generate(self, ids, null_ids, guidance=1.0, temperature=1.0, generator=None):
@@ -375,15 +386,18 @@ class TokenGenerator(nn.Module):
                 h = block(h, cache=cache)
             h = self.norm(h)
             chosen = torch.zeros(rows, 1, levels, dtype=torch.long, device=ids.device)
+            partial = None
             for level in range(levels):
-                logits = self.level_logits(h, chosen, level).float()
+                logits = self.level_logits(h, partial, level).float()
                 if guided:
                     cond, uncond = logits.chunk(2)
                     logits = uncond + (1 + guidance) * (cond - uncond)
                 pick = _sample(F.log_softmax(logits, -1) / max(temperature, 1e-6), generator)
                 chosen[..., level] = pick.repeat(2, 1) if guided else pick
+                word = self._latent(chosen[..., level:level + 1], first=level)
+                partial = word if partial is None else partial + word
             codes[:, i] = chosen[:b, 0]
-            padded[:, r + 1, c + 1] = self._latent(chosen)[:, 0]
+            padded[:, r + 1, c + 1] = partial[:, 0]
             x = self.code_in(padded[:, r + 1, c + 1, None])
         return codes.reshape(b, grid, grid, levels)
 
