@@ -7,7 +7,6 @@ name and versions, to bench/results/rqvae.jsonl."""
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import tinykern
+from tinykern.bench import machine
 from tinykern.pipelines.rqvae import data as rqdata
 from tinykern.pipelines.rqvae.generate import Pipeline
 
@@ -36,8 +36,7 @@ def measure(device, batch=16, quantize=True, repeats=3):
         _, stats = pipe.generate(batch_prompts, seed=r)
         if best is None or stats["seconds"] < best["seconds"]:
             best = stats
-    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or "cpu"
-    return {"device": name, "batch": batch, "generator": "q4_k" if quantize else "fp32", **best,
+    return {"device": machine.device_name(device), "batch": batch, "generator": "q4_k" if quantize else "fp32", **best,
             "torch": torch.__version__, "tinykern": tinykern.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

@@ -47,6 +47,17 @@ def test_round_trip_preserves_types_shapes_and_bytes(gen, tmp_path):
     assert kinds["F16"] == torch.float16 and kinds["BF16"] == torch.bfloat16 and kinds["F32"] == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "F32"])
+def test_data_that_disagrees_with_the_shape_is_refused(kind, gen, tmp_path):
+    if kind == "Q4_K":  # 12 rows of 6 blocks labelled as 24 rows of 3: the bytes count agrees
+        bad = GGUFTensor("blk.0.w", kind, (24, 768), q4k.quantize(torch.randn(12, 1536, generator=gen)))
+    else:
+        bad = GGUFTensor("blk.0.w", kind, (4, 6), torch.randn(6, 4, generator=gen))
+    path = tmp_path / "bad.gguf"
+    with pytest.raises(ValueError, match=r"bad\.gguf.*'blk\.0\.w'.*needs data of shape"):
+        write_gguf(path, [bad])
+
+
 def test_write_from_a_dict_of_dense_tensors(gen, tmp_path):
     tensors = {
         "a": torch.randn(4, 6, generator=gen),

@@ -121,16 +121,18 @@ def test_triton_op_refuses_groups(device, gen):
         mod.q4k_conv2d_triton(x, w.to(device), None, [1, 1], [1, 1], [0, 0], [1, 1], 2)
 
 
-def test_compile_matches_eager(gen):
-    triton_module("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_matches_eager(device, gen):
+    triton_module(device)
     w, _ = make_weight(gen, 6, 4, 3)
-    x = make_input(gen, 1, 4, 5, 5, True)
-    bias = torch.randn(6, generator=gen)
+    w = w.to(device)
+    x = make_input(gen, 1, 4, 5, 5, True).to(device)
+    bias = torch.randn(6, generator=gen).to(device)
 
     def conv(x, w, bias):
         return ops.q4k_conv2d(x, w, bias, 4, 3, 1, 1)
 
-    with forced("q4k_conv2d", "triton", "cpu"):
+    with forced("q4k_conv2d", "triton", device):
         eager = conv(x, w, bias)
         compiled = torch.compile(conv, fullgraph=True)(x, w, bias)
     assert compiled.is_contiguous(memory_format=torch.channels_last)

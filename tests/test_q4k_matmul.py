@@ -94,12 +94,14 @@ def test_opcheck(device, M, has_bias, gen):
     torch.library.opcheck(mod.q4k_matmul_triton, (x.to(device), w.to(device), bias))
 
 
-def test_compile_matches_eager(gen):
-    triton_module("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_matches_eager(device, gen):
+    triton_module(device)
     w, _ = make_weight(gen, 6, 256)
-    x = torch.randn(2, 256, generator=gen)
-    bias = torch.randn(6, generator=gen)
-    with forced("q4k_matmul", "triton", "cpu"):
+    w = w.to(device)
+    x = torch.randn(2, 256, generator=gen).to(device)
+    bias = torch.randn(6, generator=gen).to(device)
+    with forced("q4k_matmul", "triton", device):
         eager = ops.q4k_matmul(x, w, bias)
         compiled = torch.compile(ops.q4k_matmul, fullgraph=True)(x, w, bias)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
@@ -141,5 +143,5 @@ def test_reads_no_x_past_k(device, M, gen):
     x = torch.randn(M, K, generator=gen)
     buf = torch.full((M, K + 256), float("nan"))
     buf[:, :K] = x
-    y = mod.q4k_matmul_triton(buf[:, :K].to(device), w.to(device), None)
+    y = mod.q4k_matmul_triton(buf.to(device)[:, :K], w.to(device), None)
     assert relative_error(y, reference(x, dense, None)) < 1e-3

@@ -216,6 +216,13 @@ def test_unknown_format_is_rejected():
         QuantConfig(overrides={"*": "int4"})
 
 
+def test_skip_and_overrides_of_the_wrong_kind_are_rejected():
+    with pytest.raises(ValueError, match="list of glob patterns"):
+        QuantConfig(skip="*.conv_in")
+    with pytest.raises(ValueError, match="must be a dict"):
+        QuantConfig(overrides=[("*", "q8_0")])
+
+
 def test_meta_model(gen):
     with torch.device("meta"):
         model = Model()

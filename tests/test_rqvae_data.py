@@ -35,6 +35,17 @@ def test_heldout_prompts_are_fixed_and_held_out():
     assert all(rqdata.is_held_out(p) for p in prompts)
 
 
+def test_validation_prompts_are_held_out_and_disjoint_from_the_test_prompts():
+    val = rqdata.validation_prompts()
+    assert len(set(val)) == 22 and all(rqdata.is_held_out(p) for p in val)
+    assert not set(val) & set(rqdata.heldout_prompts())
+
+
+def test_heldout_prompts_refuses_more_than_are_held_out():
+    with pytest.raises(ValueError, match="one-shape"):
+        rqdata.heldout_prompts(48)
+
+
 @pytest.mark.parametrize("resolution", [64, 256])
 def test_checker_accepts_ground_truth_and_rejects_wrong_prompts(resolution):
     ds = rqdata.SyntheticShapes(resolution, seed=1, split="all")

@@ -193,10 +193,11 @@ def test_rvq_triton_opcheck(device, gen):
     torch.library.opcheck(torch.ops.tinykern.rvq_decode_triton.default, (codes, books))
 
 
-def test_rvq_encode_triton_rejects_large_dim(gen):
-    reason = backends.unavailable_reason("triton", "cpu", "rvq_encode")
+@pytest.mark.parametrize("device", DEVICES)
+def test_rvq_encode_triton_rejects_large_dim(device, gen):
+    reason = backends.unavailable_reason("triton", device, "rvq_encode")
     if reason is not None:
         pytest.skip(reason)
-    books = torch.randn(1, 4, 600, generator=gen)
+    books = torch.randn(1, 4, 600, generator=gen).to(device)
     with backends.backend("triton"), pytest.raises(ValueError, match=r"\[5, 600\].*D <= 512"):
-        ops.rvq_encode(torch.randn(5, 600, generator=gen), books)
+        ops.rvq_encode(torch.randn(5, 600, generator=gen).to(device), books)

@@ -193,6 +193,19 @@ def test_model_that_does_not_fit(gen, tmp_path):
         load_quantized(Other(), path)
 
 
+def test_model_that_fits_all_but_one_tensor_is_left_as_it_was(gen, tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_quantized(make_quantized(gen), path)
+    model = Net()
+    model.out = nn.Linear(64, 9)  # every quantized module has its place, one dense tensor misfits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.safetensors.*out\.weight: file \[8, 64\] vs model \[9, 64\]"):
+        load_quantized(model, path)
+    assert type(model.proj) is nn.Linear and type(model.conv) is nn.Conv2d
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_save_writes_only_the_given_path(gen, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = make_quantized(gen)

@@ -33,6 +33,11 @@ class QuantConfig:
     convs: bool = True
 
     def __post_init__(self):
+        # A bare string would be matched character by character: "*" alone skips everything.
+        if isinstance(self.skip, str) or not all(isinstance(p, str) for p in self.skip):
+            raise ValueError(f"QuantConfig: skip must be a list of glob patterns, got {self.skip!r}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"QuantConfig: overrides must be a dict {{pattern: format}}, got {self.overrides!r}")
         for fmt in [self.weight, *self.overrides.values()]:
             if fmt not in (*_LINEAR, DENSE):
                 raise ValueError(f"QuantConfig: unknown format {fmt!r}; expected one of {[*_LINEAR, DENSE]}")

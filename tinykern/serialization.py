@@ -52,23 +52,46 @@ def load_quantized(model, path, device="cpu", strict=True):
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if "tinykern.modules" not in metadata:
+    if "tinykern.modules" not in metadata or "tinykern.crc32" not in metadata:
         raise ValueError(f"{path}: no tinykern metadata; was it written by tinykern.save_quantized?")
     checksums = json.loads(metadata["tinykern.crc32"])
     for key, value in tensors.items():
         if checksums.get(key) != _crc32(value):
             raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
+    built = {}
     for name, spec in json.loads(metadata["tinykern.modules"]).items():
         try:
             model.get_submodule(name)
         except AttributeError as e:
             raise ValueError(f"{path}: quantized module {name!r} has no place in this model") from e
-        _replace(model, name, _build(spec))
-    try:
-        model.load_state_dict(tensors, strict=strict, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: does not fit this model: {e}") from e
+        if spec.get("type") not in _TYPES:
+            raise ValueError(f"{path}: quantized module {name!r} has unknown type {spec.get('type')!r}")
+        built[name] = _build(spec)
+    # Swap, check every tensor against the swapped model, and only then assign: a file that does
+    # not fit leaves the model as it was.
+    originals = {name: model.get_submodule(name) for name in built}
+    for name, module in built.items():
+        _replace(model, name, module)
+    problem = _misfit(model.state_dict(), tensors, strict)
+    if problem:
+        for name, module in originals.items():
+            _replace(model, name, module)
+        raise ValueError(f"{path}: does not fit this model: {problem}")
+    model.load_state_dict(tensors, strict=strict, assign=True)
     return model
+
+
+def _misfit(expected, tensors, strict):
+    """Why `tensors` cannot be assigned to a model with state_dict `expected`, or None."""
+    wrong = [f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
+             for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    if strict:
+        missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+        if missing:
+            wrong.append(f"missing {sorted(missing)}")
+        if unexpected:
+            wrong.append(f"unexpected {sorted(unexpected)}")
+    return "; ".join(wrong) or None
 
 
 def _spec(module):

@@ -69,6 +69,7 @@ def write_gguf(path, tensors, arch="tinykern"):
     for t in tensors:
         ggml_type = GGMLQuantizationType[t.type]
         data = t.data.detach().cpu().contiguous()
+        _check_layout(path, t, ggml_type, data)
         if ggml_type in _DENSE:
             data = data.to(_DENSE[ggml_type])
             if ggml_type == GGMLQuantizationType.BF16:  # numpy has no bf16: hand over its bytes
@@ -82,6 +83,25 @@ def write_gguf(path, tensors, arch="tinykern"):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _check_layout(path, t, ggml_type, data):
+    """The writer takes the shape from the data, so data that disagrees with t.shape (the layout
+    GGUFTensor documents) would be written as another tensor: refuse it."""
+    shape = tuple(t.shape)
+    if ggml_type in _DENSE:
+        expected = shape
+    elif ggml_type in _PACKED:
+        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        if data.dtype != torch.uint8 or not shape or shape[-1] % block:
+            raise ValueError(f"{os.fspath(path)}: tensor {t.name!r}: {ggml_type.name} needs uint8 blocks and a last "
+                             f"dimension that is a multiple of {block}, got {data.dtype} data for shape {list(shape)}")
+        expected = (*shape[:-1], shape[-1] // block * block_bytes)
+    else:
+        return
+    if tuple(data.shape) != expected:
+        raise ValueError(f"{os.fspath(path)}: tensor {t.name!r} of {ggml_type.name} shape {list(shape)} needs data of "
+                         f"shape {list(expected)}, got {list(data.shape)}")
 
 
 def dense_tensor(name, tensor):

@@ -303,18 +303,28 @@ def open_dataset(data, resolution, seed=0):
     return ImageFolderCaptions(data, resolution)
 
 
-def heldout_prompts(count=24, seed=12345):
+def heldout_prompts(count=24, seed=12345, exclude=()):
     """A fixed set of held-out synthetic captions (never seen in training), two-shape ones
-    first in equal share with one-shape ones."""
+    first in equal share with one-shape ones, none of them in `exclude`. The defaults are the
+    test prompts; sampling settings and checkpoints are chosen on `validation_prompts()`."""
     source = SyntheticShapes(seed=seed, split="heldout")
-    singles, pairs, i = [], [], 0
-    while len(singles) + len(pairs) < count:
+    singles, pairs = [], []
+    # Only 23 one-shape captions are held out, so a request for more can never be met.
+    for i in range(20_000):
         scene, caption = source.scene(i)
-        i += 1
         bucket = pairs if scene["relation"] else singles
-        if len(bucket) < (count + 1) // 2 and caption not in bucket:
+        if len(bucket) < (count + 1) // 2 and caption not in bucket and caption not in exclude:
             bucket.append(caption)
-    return pairs + singles
+        if len(singles) + len(pairs) == count:
+            return pairs + singles
+    raise ValueError(f"heldout_prompts: found {len(pairs)} two-shape and {len(singles)} one-shape held-out "
+                     f"captions, fewer than the {(count + 1) // 2} of each that count={count} needs")
+
+
+def validation_prompts(count=22):
+    """Held-out captions disjoint from the test prompts heldout_prompts(24): the 11 one-shape
+    captions those leave and as many two-shape ones."""
+    return heldout_prompts(count, seed=777, exclude=heldout_prompts())
 
 
 def check_adherence(image, caption):

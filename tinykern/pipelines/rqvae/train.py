@@ -312,8 +312,9 @@ def _step(stage, model, vq, words, images, captions, gen):
 
 
 def _tokenizer_step(model, images, gen):
-    """Reconstruction loss on the full code stack, plus, for half the batch, on the first l < L
-    levels (straight-through to the encoder) so that partial decodes are pictures too."""
+    """Reconstruction loss of half the batch from the full code stack, of the other half from
+    its first l < L levels (straight-through to the encoder) so that partial decodes are
+    pictures too."""
     latent = model.encode_latent(images)
     quantized, codes, commit = model.quantizer(latent)
     levels = codes.shape[-1]
