@@ -17,7 +17,7 @@ from tinykern.profile import stage
 # prompts (heldout_prompts(24, seed=777) x 2, three sampling seeds) with the shipped model:
 # 49% / 63% / 63% / 74% / 69% / 67% / 57% / 51% adherence at guidance 0 / 0.5 / 0.75 / 1 / 1.25 /
 # 1.5 / 2 / 3 (temperature 1; 0.8 was no better).
-GUIDANCE = 1.0
+GUIDANCE = 2.0
 TEMPERATURE = 1.0
 
 

@@ -362,7 +362,7 @@ class TokenGenerator(nn.Module):
                    for level, lg in enumerate(logits)) / len(logits)
 
     @torch.no_grad()
-    def generate(self, ids, null_ids, guidance=1.0, temperature=1.0, generator=None):
+    def generate(self, ids, null_ids, guidance=2.0, temperature=1.0, generator=None):
         """Codes [B, grid, grid, levels] for prompt ids [B, T], position by position with a
         key/value cache; null_ids [1, T] is the empty prompt for classifier-free guidance
         (guidance 0 turns it off), run in the same batch as the prompts."""
