@@ -152,6 +152,25 @@ def test_rvq_decode(device, backend, n, k, d, levels, used, code_dtype, gen):
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("bad", [16, -2])
+def test_rvq_decode_refuses_or_poisons_a_code_out_of_range(device, backend, bad, gen):
+    if backend == "cuda":
+        pytest.skip("the cuda kernel device-asserts, which would end this process's CUDA context")
+    books = make_codebooks(gen, 2, 16, 8, False)
+    codes = torch.randint(0, 16, (5, 2), generator=gen)
+    codes[3, 1] = bad
+    with forced("rvq_decode", backend, device):
+        if backend == "triton":  # no host sync in the kernel: the row is NaN instead
+            out = ops.rvq_decode(codes.to(device), books.to(device)).cpu()
+            assert out[3].isnan().all() and not out[[0, 1, 2, 4]].isnan().any()
+            good = codes[[0, 1, 2, 4]]
+            assert torch.equal(out[[0, 1, 2, 4]], reference_decode(good, books)[1])
+        else:
+            with pytest.raises((ValueError, RuntimeError), match=rf"code {bad} at \[3, 1\] is out of range"):
+                ops.rvq_decode(codes.to(device), books.to(device))
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rvq_decode_half_codebooks(device, backend, dtype, gen):
     books = make_codebooks(gen, 4, 32, 64, False).to(dtype)

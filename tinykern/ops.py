@@ -57,7 +57,11 @@ def rvq_encode(x, codebooks):
 
 
 def rvq_decode(codes, codebooks):
-    """Sum over levels l < codes.shape[1] of codebooks[l, codes[:, l]] ([N, D]); -1 adds nothing."""
+    """Sum over levels l < codes.shape[1] of codebooks[l, codes[:, l]] ([N, D]); -1 adds nothing.
+    A code outside -1..K-1 raises an error naming it and its place on the cpu (RuntimeError,
+    from the extension) and torch (ValueError) backends; on a GPU, where
+    checking would cost a host sync, the cuda kernel device-asserts and the triton kernel
+    writes NaN to that row."""
     if codes.dim() != 2 or codebooks.dim() != 3 or codes.shape[1] > codebooks.shape[0]:
         raise ValueError(f"rvq_decode: expected codes [N, L'] and codebooks [L, K, D] with L' <= L, got {list(codes.shape)} and {list(codebooks.shape)}")
     if codes.dtype not in (torch.int32, torch.int64) or codebooks.dtype not in _FLOATS:

@@ -34,6 +34,11 @@ def rvq_encode(x, codebooks):
 @backends.register("rvq_decode", "torch")
 def rvq_decode(codes, codebooks):
     n, num_levels = codes.shape
+    bad = ((codes < -1) | (codes >= codebooks.shape[1])).nonzero()
+    if len(bad):
+        row, level = bad[0].tolist()
+        raise ValueError(f"rvq_decode: code {int(codes[row, level])} at [{row}, {level}] is out of range for "
+                         f"codebooks of shape {list(codebooks.shape)} (expected -1..{codebooks.shape[1] - 1})")
     out = torch.zeros(n, codebooks.shape[2], dtype=torch.float32, device=codes.device)
     # Levels are added in order 0, 1, ... into an fp32 zero so the result is reproducible
     # bit for bit by any implementation that sums in the same order.

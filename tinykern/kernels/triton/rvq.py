@@ -76,11 +76,12 @@ def _rvq_decode_kernel(codes_ptr, cb_ptr, out_ptr, N, K, D, L,
     # Same order as the torch reference (levels 0, 1, ... into an fp32 zero): identical sums.
     for level in range(L):
         code = tl.load(codes_ptr + rows * L + level, mask=row_ok, other=-1).to(tl.int64)
-        # -1 (dropped level) adds nothing; other out-of-range codes are masked too rather
-        # than read out of bounds.
+        # -1 (dropped level) adds nothing; any other code out of range is never read and
+        # poisons its row with NaN instead (raising would need a host sync).
         use = (code >= 0) & (code < K)
         ptrs = cb_ptr + level * K * D + code[:, None] * D + dims[None, :]
         acc += tl.load(ptrs, mask=use[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.where(((code < -1) | (code >= K))[:, None], float("nan"), acc)
     tl.store(out_ptr + rows[:, None] * D + dims[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & dim_ok[None, :])
 
