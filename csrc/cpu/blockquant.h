@@ -111,17 +111,17 @@ at::Tensor block_dequantize(const char* op, const at::Tensor& blocks, at::Scalar
 }
 
 // out [M, N] fp32 = x32[:, :K] @ dequant(w).T, with each task dequantizing a tile of weight rows
-// into an L2-sized fp32 buffer and handing it to the BLAS (single-threaded inside the task): the
-// dense weight never exists as a whole.
+// into an L2-sized fp32 buffer and multiplying it into its own column slab of out (the BLAS
+// writes the slab in place, row stride N; single-threaded inside the task): the dense weight
+// never exists as a whole, and neither does a transposed copy of the output.
 template <class Format>
 at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int64_t n, int64_t nb) {
   const int64_t kp = nb * Format::kBlock;
   // ~1 MB of fp32 rows per tile; independent of the thread count, so that the BLAS sees the
   // same shapes and the result the same bits however many threads run.
   const int64_t tile = std::clamp<int64_t>((256 << 10) / kp, 8, 256);
-  // Transposed, so that a tile of weight rows owns a contiguous slab of the output.
-  at::Tensor out_t = at::empty({n, x32.size(0)}, x32.options());
-  const at::Tensor xk = x32.narrow(1, 0, k).t();
+  at::Tensor out = at::empty({x32.size(0), n}, x32.options());
+  const at::Tensor xk = x32.narrow(1, 0, k);
   const bool simd = has_avx2_fma();
   at::parallel_for(0, ceil_div(n, tile), 1, [&](int64_t t0, int64_t t1) {
     at::Tensor buf = at::empty({tile, kp}, x32.options());
@@ -131,11 +131,11 @@ at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int6
       for (int64_t i = 0; i < rows * nb; ++i) {
         Format::template dequant_block<float>(w + (n0 * nb + i) * Format::kBlockBytes, b + i * Format::kBlock, simd);
       }
-      at::Tensor o = out_t.narrow(0, n0, rows);
-      at::cpu::mm_out(o, buf.narrow(0, 0, rows).narrow(1, 0, k), xk);
+      at::Tensor o = out.narrow(1, n0, rows);
+      at::cpu::mm_out(o, xk, buf.narrow(0, 0, rows).narrow(1, 0, k).t());
     }
   });
-  return out_t.t();
+  return out;
 }
 
 // The q*_matmul op: checks, fp32 activations zero-padded to whole blocks (the kernels never read
@@ -157,7 +157,7 @@ at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w
     out = tiled_matmul<Format>(x32, s.k, wc.data_ptr<uint8_t>(), s.n, s.nb);
   }
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
-  return out.contiguous().to(x.scalar_type());
+  return out.to(x.scalar_type());
 }
 
 }  // namespace tinykern::cpu
