@@ -1,4 +1,4 @@
-"""The tinykern command line: `python -m tinykern info|demo`."""
+"""The tinykern command line: `python -m tinykern info|demo|sd|rqvae`."""
 
 import argparse
 

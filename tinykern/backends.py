@@ -15,7 +15,8 @@ from tinykern import _ext
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 # Preference of `auto` per device type. On CUDA the Triton kernels come first, the CUDA
-# kernels second; on CPU the C++ kernels beat the reference in bench/bench_q4k_matmul.py.
+# kernels second; on CPU the C++ kernels beat the reference (dequantize, then F.linear) on most
+# shapes in bench/results/, but not on the widest (M 8192, K 320: 1.2-1.3x slower).
 # Triton on CPU (the interpreter) is a correctness tool and is never picked by `auto`.
 AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 

@@ -19,8 +19,8 @@ _BLOCKS = {"q4k": (256, 144), "q8_0": (32, 34)}
 
 def q4k_conv2d(x, w, bias, kernel_size, stride, padding, dilation, groups):
     """The native dequantize to x.dtype, then the vendor conv (cuDNN, oneDNN). At conv sizes the
-    GEMM is compute-bound; on CPU this beat F.unfold + q4k_matmul by 3.4x
-    (bench/results/intel-r-xeon-r-processor.md)."""
+    GEMM is compute-bound, and an unfold into q4k_matmul would also build the [N*H*W, C*kh*kw]
+    patch matrix (no measured comparison is kept in bench/results/)."""
     per_group = x.shape[1] // groups
     kh, kw = kernel_size
     weight = torch.ops.tinykern.q4k_dequantize(w, x.dtype)[:, : per_group * kh * kw]

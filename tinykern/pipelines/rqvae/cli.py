@@ -1,8 +1,5 @@
-"""`tinykern rqvae train|generate|demo`: the command line of the RQ-VAE pipeline.
-
-Hook it into tinykern/__main__.py with `add_parser(commands)` and dispatch
-`args.command == "rqvae"` to `run(args)`.
-"""
+"""`tinykern rqvae train|generate|demo`: the command line of the RQ-VAE pipeline
+(tinykern/__main__.py adds it with `add_parser` and hands `rqvae` commands to `run`)."""
 
 
 def add_parser(subparsers):
