@@ -73,12 +73,15 @@ def load_quantized(model, path, device="cpu", strict=True):
     for name, module in built.items():
         _replace(model, name, module)
     problem = _misfit(model.state_dict(), tensors, strict)
-    if problem:
-        for name, module in originals.items():
-            _replace(model, name, module)
-        raise ValueError(f"{path}: does not fit this model: {problem}")
-    model.load_state_dict(tensors, strict=strict, assign=True)
-    return model
+    if problem is None:
+        try:
+            model.load_state_dict(tensors, strict=strict, assign=True)
+            return model
+        except RuntimeError as e:  # what the checks above do not foresee
+            problem = str(e)
+    for name, module in originals.items():
+        _replace(model, name, module)
+    raise ValueError(f"{path}: does not fit this model: {problem}")
 
 
 def _misfit(expected, tensors, strict):

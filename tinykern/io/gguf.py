@@ -55,7 +55,7 @@ def _tensors(path, reader):
         if ggml_type in _DENSE:
             data = raw.reshape(-1).view(torch.uint8).view(_DENSE[ggml_type]).reshape(shape)
         elif ggml_type in _PACKED:
-            data = raw.reshape(*shape[:-1], shape[-1] // block * block_bytes)
+            data = raw.reshape(_packed_shape(ggml_type, shape))
         else:
             data = raw
         yield GGUFTensor(t.name, ggml_type.name, shape, data)
@@ -92,16 +92,22 @@ def _check_layout(path, t, ggml_type, data):
     if ggml_type in _DENSE:
         expected = shape
     elif ggml_type in _PACKED:
-        block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+        block = GGML_QUANT_SIZES[ggml_type][0]
         if data.dtype != torch.uint8 or not shape or shape[-1] % block:
             raise ValueError(f"{os.fspath(path)}: tensor {t.name!r}: {ggml_type.name} needs uint8 blocks and a last "
                              f"dimension that is a multiple of {block}, got {data.dtype} data for shape {list(shape)}")
-        expected = (*shape[:-1], shape[-1] // block * block_bytes)
+        expected = _packed_shape(ggml_type, shape)
     else:
         return
     if tuple(data.shape) != expected:
         raise ValueError(f"{os.fspath(path)}: tensor {t.name!r} of {ggml_type.name} shape {list(shape)} needs data of "
                          f"shape {list(expected)}, got {list(data.shape)}")
+
+
+def _packed_shape(ggml_type, shape):
+    """The uint8 shape of packed blocks for a tensor of logical `shape`: one row of blocks per row."""
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    return (*shape[:-1], shape[-1] // block * block_bytes)
 
 
 def dense_tensor(name, tensor):
