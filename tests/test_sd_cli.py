@@ -2,6 +2,9 @@
 
 import argparse
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,8 +16,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from tinykern.pipelines.sd import cli  # noqa: E402
+import tinykern  # noqa: E402
+from tinykern.__main__ import main  # noqa: E402
+from tinykern.pipelines.sd import cli, loaders  # noqa: E402
 from tinykern.pipelines.sd.testing import tiny_components, write_diffusers_folder  # noqa: E402
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tinykern.__file__)))
 
 
 def run(*argv):
@@ -65,11 +73,85 @@ def test_long_prompt_is_truncated_with_a_warning(model, tmp_path, capsys):
     assert "truncated" in capsys.readouterr().err
 
 
-def test_clear_errors(model, tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        run("generate", "--model", tmp_path / "missing", "--prompt", "x", "--out", tmp_path / "x.png")
-    with pytest.raises(SystemExit, match="lora_unet_nowhere"):
+def test_errors_after_loading_are_one_line(model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         run("generate", "--model", model / "model", "--prompt", "x", "--lora", model / "odd.safetensors",
             "--device", "cpu", "--dense", "--out", tmp_path / "x.png")
+    assert info.value.code == 2 and "lora_unet_nowhere" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
     with pytest.raises(SystemExit):  # argparse: size must look like WxH
         run("generate", "--model", model / "model", "--prompt", "x", "--size", "big", "--out", tmp_path / "x.png")
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model load starts."""
+    def load_pipeline(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(loaders, "load_pipeline", load_pipeline)
+
+
+def refused(capsys, *argv):
+    """The one stderr line with which `tinykern sd ...` refuses argv (exit code 2)."""
+    with pytest.raises(SystemExit) as info:
+        main(["sd", *map(str, argv)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+BAD_GENERATE = {
+    "missing output folder": (["--out", "{tmp}/no/such/folder/x.png"], "folder .*no/such/folder does not exist"),
+    "unknown extension": (["--out", "{tmp}/x.xyz"], r"\.xyz is not an image format"),
+    "output is a folder": (["--out", "{tmp}"], "is a folder"),
+    "zero steps": (["--steps", "0"], "--steps 0: must be at least 1"),
+    "negative guidance": (["--guidance", "-1"], "--guidance -1.0: must be at least 0"),
+    "missing model": (["--model", "{tmp}/nothing"], "--model .*nothing: does not exist"),
+    "missing lora": (["--lora", "{tmp}/missing.safetensors:0.5"], "--lora .*missing.safetensors: does not exist"),
+    "missing unet": (["--unet", "{tmp}/unet.gguf"], "--unet .*unet.gguf: does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE))
+def test_generate_refuses_bad_arguments_before_loading(case, model, tmp_path, capsys, no_loading):
+    extra, message = BAD_GENERATE[case]
+    argv = {"--model": model / "model", "--prompt": "a cat", "--device": "cpu", "--out": tmp_path / "image.png"}
+    for flag, value in zip(extra[::2], extra[1::2]):
+        argv[flag] = value.format(tmp=tmp_path)
+    err = refused(capsys, "generate", *[item for pair in argv.items() for item in pair])
+    assert re.fullmatch(f"tinykern sd generate: error: .*{message}.*\n", err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@pytest.mark.parametrize("command", ["generate", "quantize"])
+def test_cuda_without_a_gpu_is_refused_before_loading(command, model, tmp_path, capsys, no_loading):
+    extra = ["--prompt", "a cat", "--out", tmp_path / "x.png"] if command == "generate" else ["--out", tmp_path / "q"]
+    err = refused(capsys, command, "--model", model / "model", "--device", "cuda", *extra)
+    assert err == f"tinykern sd {command}: error: --device cuda: no CUDA device is available\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_refuses_a_folder_that_is_not_empty(model, tmp_path, capsys, no_loading):
+    (tmp_path / "keep.txt").write_text("mine")
+    err = refused(capsys, "quantize", "--model", model / "model", "--device", "cpu", "--out", tmp_path)
+    assert "is not empty" in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_paths_expand_the_home_folder(model, tmp_path, capsys, monkeypatch, no_loading):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    err = refused(capsys, "generate", "--model", "~/absent", "--prompt", "x", "--out", "~/x.png")
+    assert f"--model {tmp_path / 'absent'}: does not exist" in err
+
+
+def test_importing_the_pipeline_prints_no_torchvision_notice(tmp_path):
+    """transformers warns on diffusers' import that torchvision is missing; those lines are
+    dropped (and only those: the test also checks a warning of the same logger still shows)."""
+    probe = ("import logging, tinykern.pipelines.sd.loaders; "
+             "logging.getLogger('transformers.utils.import_utils').warning('still shown')")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and "still shown" in result.stderr, result.stderr

@@ -15,6 +15,7 @@ from tinykern.pipelines.sd import SDQuantConfig, load_lora  # noqa: E402
 from tinykern.pipelines.sd import ldm  # noqa: E402
 from tinykern.pipelines.sd.layout import quantize_on  # noqa: E402
 from tinykern.pipelines.sd.testing import tiny_components  # noqa: E402
+from conftest import relative_error  # noqa: E402
 
 # Linear layers, a 3x3 conv (LoRA down 3x3, up 1x1), a strided 3x3 conv, a 1x1 conv
 UNET_TARGETS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -197,3 +198,64 @@ def test_shape_mismatch_is_an_error(models):
     state = {f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4)}  # 3x3 conv
     with pytest.raises(ValueError, match="do not fit"):
         load_lora({"unet": copy.deepcopy(unet), "text_encoder": text_encoder}, state)
+
+
+def _one_layer_lora(n, rank, ratio, gen):
+    """A Q4_K layer (n x n, fp32), its dense source, and LoRA factors (not float16-exact) whose
+    product is `ratio` of the quantized weight's norm, as a state dict for the layer "proj"."""
+    dense = torch.nn.Linear(n, n)
+    with torch.no_grad():
+        dense.weight.copy_(torch.randn(n, n, generator=gen) / n**0.5)
+        dense.bias.copy_(torch.randn(n, generator=gen))
+    weight = Q4Linear.from_linear(dense).dequantize(torch.float64)
+    down, up = torch.randn(rank, n, generator=gen), torch.randn(n, rank, generator=gen)
+    up *= float(ratio * weight.norm() / (up.double() @ down.double()).norm())
+    state = {"text_encoder.proj.lora.down.weight": down, "text_encoder.proj.lora.up.weight": up}
+    return dense, weight, up.double() @ down.double(), state
+
+
+def test_unmerged_lora_in_an_fp32_model_is_exact_to_fp32(gen):
+    """Against a float64 reference of x @ dequant(W).T + b + x @ (up @ down).T, the layer with
+    its LoRA branch must be as close as torch's own float32 computation of the same (float16
+    factors were 50-200x further off)."""
+    dense, weight, delta, state = _one_layer_lora(256, 8, 0.2, gen)
+    model = torch.nn.ModuleDict({"proj": Q4Linear.from_linear(dense)})
+    lora = load_lora({"text_encoder": model}, state)
+    assert {b.down.dtype for b in lora.branches.values()} == {torch.float32}
+    x = torch.randn(32, 256, generator=gen)
+    bias = dense.bias.detach()
+    reference = x.double() @ (weight + delta).T + bias.double()
+    down, up = state["text_encoder.proj.lora.down.weight"], state["text_encoder.proj.lora.up.weight"]
+    torch_fp32 = x @ weight.float().T + bias + (x @ down.T) @ up.T
+    with torch.no_grad():
+        ours = model["proj"](x)
+    assert relative_error(ours, reference) <= 2 * relative_error(torch_fp32, reference)
+
+
+def test_lora_factors_take_the_models_dtype(models):
+    unet, text_encoder = models
+    state = _write(_lora_weights(unet, text_encoder), "peft", unet.config)
+    half = copy.deepcopy(text_encoder).half()
+    lora = load_lora({"unet": copy.deepcopy(unet), "text_encoder": half}, state)
+    dtypes = {key.partition(".")[0]: branch.down.dtype for key, branch in lora.branches.items()}
+    assert dtypes == {"unet": torch.float32, "text_encoder": torch.float16}
+
+
+def test_merge_into_q4k_changes_the_loras_effect(gen):
+    """The figures in lora.py's docstring: merged into Q4_K, the LoRA's effect is off by about
+    the format's error on W over ||delta|| / ||W|| (one more rounding), unmerged by float32
+    rounding only."""
+    ratio = 0.2
+    dense, weight, delta, state = _one_layer_lora(512, 8, ratio, gen)
+    x = torch.randn(64, 512, generator=gen)
+    effect = x.double() @ delta.T
+    base = Q4Linear.from_linear(dense)
+    errors = {}
+    for merge in (False, True):
+        model = torch.nn.ModuleDict({"proj": Q4Linear.from_linear(dense)})
+        load_lora({"text_encoder": model}, state, merge=merge)
+        with torch.no_grad():
+            errors[merge] = relative_error(model["proj"](x) - base(x), effect)
+    format_error = relative_error(weight, dense.weight.detach())
+    assert 0.5 < errors[True] / (format_error / ratio) < 2, (errors, format_error)
+    assert errors[False] < 1e-5 < errors[True] / 1000, errors

@@ -6,6 +6,7 @@ on first use, so `tinykern.pipelines.sd.cli` and `.presets` load without the ext
 """
 
 import importlib
+import logging
 
 _EXPORTS = {
     "SDQuantConfig": "layout", "load_pipeline": "loaders", "save_pipeline": "loaders", "sd15_config_dir": "loaders",
@@ -13,6 +14,18 @@ _EXPORTS = {
     "apply_preset": "presets", "make_scheduler": "presets", "clip_tokenizer": "tokenizer",
 }
 __all__ = sorted(_EXPORTS)
+_TORCHVISION_NOTICE = "requires torchvision (not installed); falling back to"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """Importing diffusers makes transformers warn that its image processors fall back from
+    torchvision to PIL; these pipelines use no image processor, so only that notice is dropped."""
+
+    def filter(self, record):
+        return _TORCHVISION_NOTICE not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionNotice())
 
 
 def __getattr__(name):

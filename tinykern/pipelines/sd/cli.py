@@ -1,13 +1,16 @@
 """`tinykern sd generate|quantize`: Stable Diffusion 1.x from the command line.
 
 Only argparse and the preset names are imported here, so `tinykern --help` works without the
-`sd` extra; diffusers and transformers load when a subcommand runs.
+`sd` extra; diffusers and transformers load when a subcommand runs. Every argument that can be
+checked without a model (paths, device, output file, numbers) is checked before one loads; a bad
+one is refused in one line with exit code 2 (tinykern.pipelines.cli_checks).
 """
 
 import argparse
 import sys
 import time
 
+from tinykern.pipelines import cli_checks as checks
 from tinykern.pipelines.sd.presets import PRESETS, SCHEDULERS
 
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 7.5
@@ -39,7 +42,7 @@ def add_parser(subparsers):
 
     quant = commands.add_parser("quantize", help="write a pre-quantized model folder that loads in seconds")
     _model_arguments(quant)
-    quant.add_argument("--out", required=True, help="output folder")
+    quant.add_argument("--out", required=True, help="output folder (new, or empty)")
     quant.set_defaults(func=quantize)
     return sd
 
@@ -62,18 +65,30 @@ def _size(text):
     return width, height
 
 
-def _fail(message):
-    raise SystemExit(f"tinykern sd: error: {message}")
+GENERATE, QUANTIZE = "tinykern sd generate", "tinykern sd quantize"
+
+
+def _check_model_arguments(args):
+    """Paths with `~` expanded and refused unless they exist; the device refused unless it is
+    there. Nothing is loaded."""
+    args.model = checks.existing("--model", args.model)
+    args.unet = args.unet and checks.existing("--unet", args.unet, "file")
+    args.config = args.config and checks.existing("--config", args.config, "dir")
+    if args.device is not None:
+        checks.device("--device", args.device)
 
 
 def _load(args, **kwargs):
     from tinykern.pipelines.sd import load_pipeline
 
-    try:
-        return load_pipeline(args.model, device=args.device, quantize=not getattr(args, "dense", False), unet=args.unet,
-                             config=args.config, **kwargs)
-    except (OSError, ValueError) as e:
-        _fail(e)
+    return load_pipeline(args.model, device=args.device, quantize=not getattr(args, "dense", False), unet=args.unet,
+                         config=args.config, **kwargs)
+
+
+def _lora_spec(spec):
+    """FILE[:SCALE] -> (existing path, scale)."""
+    path, _, scale = spec.rpartition(":") if _has_scale(spec) else (spec, "", "1")
+    return checks.existing("--lora", path, "file"), float(scale)
 
 
 def generate(args):
@@ -82,13 +97,15 @@ def generate(args):
     from tinykern.pipelines.sd import apply_preset, make_scheduler
 
     start = time.perf_counter()
-    pipe = _load(args, vae_on_cpu=not args.vae_on_gpu, vae_tiling=args.vae_on_gpu, sequential_cfg=args.sequential_cfg)
-    for spec in args.lora:
-        path, _, scale = spec.rpartition(":") if _has_scale(spec) else (spec, "", "1")
-        try:
-            pipe.load_lora(path, float(scale), merge=args.merge_lora)
-        except (OSError, ValueError) as e:
-            _fail(e)
+    with checks.one_line_errors(GENERATE):
+        _check_model_arguments(args)
+        args.out = checks.image_file("--out", args.out)
+        checks.at_least("--steps", args.steps, 1)
+        checks.at_least("--guidance", args.guidance, 0)
+        loras = [_lora_spec(spec) for spec in args.lora]
+        pipe = _load(args, vae_on_cpu=not args.vae_on_gpu, vae_tiling=args.vae_on_gpu, sequential_cfg=args.sequential_cfg)
+        for path, scale in loras:
+            pipe.load_lora(path, scale, merge=args.merge_lora)
     call = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
     if args.preset:
         call.update(apply_preset(pipe, args.preset))
@@ -116,7 +133,8 @@ def generate(args):
     image = pipe(args.prompt, negative_prompt=args.negative, width=width, height=height,
                  generator=torch.Generator().manual_seed(args.seed), callback_on_step_end=on_step_end, **call).images[0]
     wall = time.perf_counter() - t0
-    image.save(args.out)
+    with checks.one_line_errors(GENERATE):
+        checks.save_image(image, args.out)
     steps = len(step_ends)
     denoise = step_ends[-1] - t0 if step_ends else 0.0
     print(f"{args.out}: {width}x{height}, {steps} steps, wall {wall:.2f} s ({denoise / max(steps, 1):.3f} s/step, "
@@ -182,9 +200,12 @@ def quantize(args):
     from tinykern.pipelines.sd.layout import move
 
     start = time.perf_counter()
-    # Dense weights are stored in float16: the loader casts them to the run's dtype.
-    pipe = _load(args, dtype=torch.float16)
-    move(pipe.vae, "cpu", torch.float16)
-    out = save_pipeline(pipe, args.out)
+    with checks.one_line_errors(QUANTIZE):
+        _check_model_arguments(args)
+        args.out = checks.new_folder("--out", args.out)
+        # Dense weights are stored in float16: the loader casts them to the run's dtype.
+        pipe = _load(args, dtype=torch.float16)
+        move(pipe.vae, "cpu", torch.float16)
+        out = save_pipeline(pipe, args.out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: written in {time.perf_counter() - start:.1f} s, {size / 1e6:.1f} MB")

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -90,12 +91,31 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
 
 def save_pipeline(pipe, out_dir):
     """Write `pipe` (quantized) as a folder that load_pipeline reads without re-quantizing:
-    per component config.json + tinykern.safetensors, the scheduler config, the tokenizer."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    per component config.json + tinykern.safetensors, the scheduler config, the tokenizer.
+
+    `out_dir` must be new or an empty folder. The folder is written under a temporary name
+    beside it and renamed at the end, so a failed save leaves nothing at `out_dir`."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out}: exists and is not an empty folder; save_pipeline writes a new one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir()
+        _write_pipeline(pipe, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_pipeline(pipe, out):
     for name in COMPONENTS:
         module = getattr(pipe, name)
-        (out / name).mkdir(exist_ok=True)
+        (out / name).mkdir()
         if name == "text_encoder":  # a transformers config
             module.config.to_json_file(out / name / "config.json")
         else:
@@ -105,7 +125,6 @@ def save_pipeline(pipe, out_dir):
     pipe.tokenizer.save_pretrained(out / "tokenizer")
     formats = {name: sorted({_format_name(m) for _, m in quantized_modules(getattr(pipe, name))}) for name in COMPONENTS}
     (out / MARKER).write_text(json.dumps({"format": "tinykern-sd", "version": 1, "formats": formats}, indent=1))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

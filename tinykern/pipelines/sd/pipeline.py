@@ -81,8 +81,10 @@ class TinySDPipeline(StableDiffusionPipeline):
         return self._tinykern_loras
 
     def load_lora(self, source, scale=1.0, merge=False, name=None):
-        """Apply a LoRA file or state dict to the UNet and text encoder (see
-        tinykern.pipelines.sd.lora); returns its handle (set_scale, remove)."""
+        """Apply a LoRA file (`~` expanded) or state dict to the UNet and text encoder, its
+        factors in the pipeline's dtype; returns its handle (set_scale, remove). merge=True
+        re-quantizes packed weights, which changes the LoRA's effect by about the format's
+        error over the LoRA's relative size (see tinykern.pipelines.sd.lora)."""
         from tinykern.pipelines.sd.lora import load_lora
 
         lora = load_lora({"unet": self.unet, "text_encoder": self.text_encoder}, source, scale, merge, name)
