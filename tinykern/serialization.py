@@ -1,93 +1,321 @@
 """save_quantized / load_quantized: a quantized model as one safetensors file.
 
-The file holds the model's whole state_dict (packed blocks as uint8) plus, in its metadata, how
-to rebuild each quantized module and a CRC-32 per tensor, so that loading needs no
-re-quantization, works on a model built on the meta device, and refuses a damaged file.
+The file holds the model's whole state_dict (packed blocks as uint8) and, in its metadata, how
+to rebuild each quantized module (its spec), every tensor's dtype, shape and CRC-32, and a CRC-32
+of all of that, so that loading needs no re-quantization, works on a model built on the meta
+device, and refuses a damaged or edited file. A CRC catches accidents and careless edits, not a
+forger (anyone can recompute it); what holds against a file that passes its checksums is that
+every spec must repeat the geometry of the layer it replaces and every tensor must fit the model.
 """
 
+import contextlib
 import json
 import os
+import re
+import reprlib
+import secrets
+import stat
 import struct
 import zlib
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from torch import nn
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.nn.conv import _numeric_padding
 from tinykern.quantize import _replace, quantized_modules
 
+VERSION = "2"  # of the metadata layout; files without it are refused, as they lack the checksums
+_HEADER_LIMIT = 100_000_000  # bytes of header JSON; safetensors refuses a longer one too
+_TEMP_SUFFIX = ".tinykern-tmp"
+
 _TYPES = {cls.__name__: cls for cls in (Q4Linear, Q8Linear, Q4Conv2d)}
+_REPLACES = {Q4Linear: (nn.Linear, Q4Linear, Q8Linear), Q8Linear: (nn.Linear, Q4Linear, Q8Linear),
+             Q4Conv2d: (nn.Conv2d, Q4Conv2d)}  # the layers (exact types) each may stand in for
 _LINEAR_ARGS = ("in_features", "out_features")
 _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
+_PAIRS = ("kernel_size", "stride", "padding", "dilation")
+_BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def save_quantized(model, path):
-    """Write `model` (after quantize_) to the safetensors file `path`."""
-    modules = {name: _spec(m) for name, m in quantized_modules(model)}
-    tensors, seen = {}, set()
+    """Write `model` (after quantize_) to the safetensors file `path`. The file at `path` is at
+    every moment either the previous one or the whole new one: the data goes to a temporary file
+    beside it (removed on failure, or by the next save if this process is killed), which replaces
+    it once synced. A new file gets the mode open(path, "w") would give it."""
+    path = os.fspath(path)
+    tensors = {}
     for key, value in model.state_dict().items():
-        value = value.detach().contiguous()
-        if value.data_ptr() in seen:  # tied tensors: safetensors stores each storage once
-            value = value.clone()
-        seen.add(value.data_ptr())
-        tensors[key] = value
-    metadata = {
-        "format": "pt",
-        "tinykern.modules": json.dumps(modules),
-        "tinykern.crc32": json.dumps({k: _crc32(v) for k, v in tensors.items()}),
-    }
-    save_file(tensors, os.fspath(path), metadata=metadata)
+        if value.is_meta:
+            raise ValueError(f"{path}: tensor {key!r} is on the meta device and holds no data; fill the model first")
+        if value.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, which this writer does not store")
+        tensors[key] = value.detach()
+    specs = json.dumps({name: _spec(m) for name, m in quantized_modules(model)}, sort_keys=True)
+    records = json.dumps({k: _record(v) for k, v in tensors.items()}, sort_keys=True)
+    metadata = {"format": "pt", "tinykern.version": VERSION, "tinykern.modules": specs, "tinykern.tensors": records,
+                "tinykern.checksum": _metadata_checksum(VERSION, specs, records)}
+    _write_atomically(path, lambda f: _write_safetensors(f, tensors, metadata))
 
 
 def load_quantized(model, path, device="cpu", strict=True):
     """Swap in the quantized modules recorded in `path` and fill `model` from it (assigning the
     file's tensors, so a model built on the meta device never holds a full-precision copy).
-    Raises ValueError naming the file and tensor if the file is truncated or altered."""
+    Raises ValueError naming the file (and the tensor or module) if the file is truncated,
+    altered or does not fit `model`; the model is then left exactly as it was."""
     path = os.fspath(path)
-    _check_layout(path)
+    specs, records = _read_metadata(path, _read_header(path))
+    tensors = _read_tensors(path, device)
+    _check_tensors(path, tensors, records)
+    layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if name}
+    built = {name: _build(path, name, spec, layers.get(name)) for name, spec in specs.items()}
+    snapshot = _snapshot(model)
     try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if "tinykern.modules" not in metadata or "tinykern.crc32" not in metadata:
-        raise ValueError(f"{path}: no tinykern metadata; was it written by tinykern.save_quantized?")
-    checksums = json.loads(metadata["tinykern.crc32"])
-    for key, value in tensors.items():
-        if checksums.get(key) != _crc32(value):
-            raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
-    built = {}
-    for name, spec in json.loads(metadata["tinykern.modules"]).items():
-        try:
-            model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"{path}: quantized module {name!r} has no place in this model") from e
-        if spec.get("type") not in _TYPES:
-            raise ValueError(f"{path}: quantized module {name!r} has unknown type {spec.get('type')!r}")
-        built[name] = _build(spec)
-    # Swap, check every tensor against the swapped model, and only then assign: a file that does
-    # not fit leaves the model as it was.
-    originals = {name: model.get_submodule(name) for name in built}
-    for name, module in built.items():
-        _replace(model, name, module)
-    problem = _misfit(model.state_dict(), tensors, strict)
-    if problem is None:
+        for name, module in built.items():
+            _replace(model, name, module)
+        problem = _misfit(model.state_dict(), tensors, strict, built)
+        if problem is not None:
+            raise ValueError(f"{path}: does not fit this model: {problem}")
         try:
             model.load_state_dict(tensors, strict=strict, assign=True)
-            return model
         except RuntimeError as e:  # what the checks above do not foresee
-            problem = str(e)
-    for name, module in originals.items():
-        _replace(model, name, module)
-    raise ValueError(f"{path}: does not fit this model: {problem}")
+            raise ValueError(f"{path}: does not fit this model: {e}") from e
+    except BaseException:
+        _restore(snapshot)
+        raise
+    return model
 
 
-def _misfit(expected, tensors, strict):
-    """Why `tensors` cannot be assigned to a model with state_dict `expected`, or None."""
-    wrong = [f"{k}: file {list(v.shape)} vs model {list(expected[k].shape)}"
-             for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _spec(module):
+    spec = {"type": type(module).__name__, **_geometry(module)}
+    if module.bias is not None:
+        spec["bias_dtype"] = _dtype_name(module.bias.dtype)
+    return spec
+
+
+def _record(tensor):
+    return {"dtype": _dtype_name(tensor.dtype), "shape": list(tensor.shape), "crc32": _crc32(tensor)}
+
+
+def _metadata_checksum(version, specs, records):
+    return str(zlib.crc32("\n".join((version, specs, records)).encode()))
+
+
+def _write_safetensors(f, tensors, metadata):
+    # Larger elements first: with the header padded to 8 bytes every tensor starts aligned.
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header, offset = {"__metadata__": metadata}, 0
+    for key in order:
+        t = tensors[key]
+        end = offset + t.numel() * t.element_size()
+        header[key] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(struct.pack("<Q", len(blob)) + blob)
+    for key in order:
+        f.write(_bytes(tensors[key]))
+
+
+def _write_atomically(path, write):
+    folder, name = os.path.split(os.path.abspath(path))
+    _remove_stale_temps(folder, name)
+    temp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as open(path, "w")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):  # open(path, "w") keeps an existing file's mode
+            os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode))
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename durable; some file systems cannot sync a folder
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_stale_temps(folder, name):
+    """Delete the temporary files of saves to `name` whose process is gone (killed mid-write)."""
+    pattern = re.compile(re.escape(f".{name}.") + r"(\d+)-[0-9a-f]{8}" + re.escape(_TEMP_SUFFIX))
+    for entry in os.listdir(folder):
+        match = pattern.fullmatch(entry)
+        if match and not _alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+def _read_header(path):
+    """The header's metadata, once the header is known to be a safetensors header whose tensors
+    all lie inside the file (naming the first one a truncation cuts)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{path}: not a safetensors file ({size} bytes, less than the 8-byte header length)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > size - 8:
+                raise ValueError(f"{path}: truncated safetensors header ({length} bytes announced, {size - 8} present)")
+            if length > _HEADER_LIMIT:
+                raise ValueError(f"{path}: a safetensors header of {length} bytes is over the {_HEADER_LIMIT}-byte limit")
+            header = json.loads(f.read(length).decode("utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: the safetensors header is a JSON {type(header).__name__}, not an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: the safetensors __metadata__ is not a map of strings")
+    spans = []
+    for key, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o, 0) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: tensor {key!r} has malformed data_offsets {reprlib.repr(offsets)}")
+        spans.append((offsets[1], key))
+    for end, key in sorted(spans):
+        if 8 + length + end > size:
+            raise ValueError(f"{path}: tensor {key!r} is truncated (the file ends at byte {size})")
+    return metadata
+
+
+def _read_metadata(path, metadata):
+    """The module specs and tensor records, once their checksum and layout are checked."""
+    if not metadata or "tinykern.modules" not in metadata:
+        raise ValueError(f"{path}: no tinykern metadata; was it written by tinykern.save_quantized?")
+    version = metadata.get("tinykern.version")
+    if version is None:
+        raise ValueError(f"{path}: written by an older tinykern, whose files do not checksum module specs, dtypes "
+                         "and shapes; re-save it with this one (save_quantized, or `tinykern sd quantize`)")
+    if version != VERSION:
+        raise ValueError(f"{path}: tinykern file format {reprlib.repr(version)}; this tinykern reads format {VERSION}")
+    specs, records = metadata["tinykern.modules"], metadata.get("tinykern.tensors", "")
+    if metadata.get("tinykern.checksum") != _metadata_checksum(version, specs, records):
+        raise ValueError(f"{path}: the tinykern metadata (module specs; tensor dtypes, shapes and checksums) does "
+                         "not match its checksum; the file was altered")
+    try:
+        specs, records = json.loads(specs), json.loads(records)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: malformed tinykern metadata ({e})") from e
+    if not isinstance(specs, dict) or not isinstance(records, dict):
+        raise ValueError(f"{path}: malformed tinykern metadata (module specs and tensor records must be JSON objects)")
+    for key, record in records.items():
+        if not (isinstance(record, dict) and record.keys() == {"dtype", "shape", "crc32"}
+                and isinstance(record["dtype"], str) and isinstance(record["shape"], list)
+                and all(_is_int(n, 0) for n in record["shape"]) and _is_int(record["crc32"], 0)):
+            raise ValueError(f"{path}: malformed tinykern record for tensor {key!r}: {reprlib.repr(record)}")
+    return specs, records
+
+
+def _read_tensors(path, device):
+    try:
+        with safe_open(path, framework="pt", device=str(device)) as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _check_tensors(path, tensors, records):
+    if tensors.keys() != records.keys():
+        unlisted, missing = sorted(tensors.keys() - records.keys()), sorted(records.keys() - tensors.keys())
+        raise ValueError(f"{path}: the file's tensors differ from those its metadata lists (not listed: "
+                         f"{reprlib.repr(unlisted)}; missing: {reprlib.repr(missing)}); the file was altered")
+    for key, value in tensors.items():
+        found, saved = (_dtype_name(value.dtype), list(value.shape)), (records[key]["dtype"], records[key]["shape"])
+        if found != saved:
+            raise ValueError(f"{path}: tensor {key!r} is {found[0]} {found[1]} in the header but was saved as "
+                             f"{reprlib.repr(saved[0])} {reprlib.repr(saved[1])}; the file was altered")
+        if _crc32(value) != records[key]["crc32"]:
+            raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
+
+
+def _build(path, name, spec, layer):
+    """The empty module `spec` describes, once the spec is well formed and repeats the geometry of
+    `layer`, the Linear or Conv2d (dense or quantized) at `name` that it replaces."""
+    where = f"{path}: quantized module {name!r}"
+    cls = _TYPES.get(spec.get("type")) if isinstance(spec, dict) and isinstance(spec.get("type"), str) else None
+    if cls is None:
+        raise ValueError(f"{where}: spec {reprlib.repr(spec)} names none of the types {sorted(_TYPES)}")
+    args = _CONV_ARGS if cls is Q4Conv2d else _LINEAR_ARGS
+    keys = {"type", "bias", *args, *(("bias_dtype",) if spec.get("bias") is True else ())}
+    if spec.keys() != keys:
+        raise ValueError(f"{where}: spec keys {sorted(spec)}, expected {sorted(keys)}")
+    if not (all(_is_pair(spec[a], 0 if a == "padding" else 1) if a in _PAIRS else _is_int(spec[a], 1) for a in args)
+            and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPES[0]) in _BIAS_DTYPES):
+        raise ValueError(f"{where}: malformed spec {reprlib.repr(spec)}")
+    if type(layer) not in _REPLACES[cls]:
+        found = "nothing" if layer is None else f"a {type(layer).__name__}"
+        raise ValueError(f"{where} has no place in this model: {found} there, where a {cls.__name__} needs one of "
+                         f"{[t.__name__ for t in _REPLACES[cls]]}")
+    wanted = {a: tuple(v) if a in _PAIRS else v for a, v in spec.items() if a in (*args, "bias")}
+    differs = {k: (wanted.get(k), v) for k, v in _geometry(layer).items() if wanted.get(k) != v}
+    if differs:
+        raise ValueError(f"{where} does not match the {type(layer).__name__} it replaces: "
+                         + ", ".join(f"{k} {a} in the file vs {b} in the model" for k, (a, b) in differs.items()))
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    if "bias_dtype" in kwargs:
+        kwargs["bias_dtype"] = getattr(torch, kwargs["bias_dtype"])
+    return cls(**kwargs, device="meta")
+
+
+def _geometry(layer):
+    """What a quantized module must repeat of the Linear or Conv2d it replaces, padding as numbers."""
+    conv = isinstance(layer, (nn.Conv2d, Q4Conv2d))
+    geometry = {a: getattr(layer, a) for a in (_CONV_ARGS if conv else _LINEAR_ARGS)}
+    geometry["bias"] = layer.bias is not None
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":  # Q4Conv2d pads with zeros: no spec matches another mode
+            geometry["padding_mode"] = layer.padding_mode
+        if isinstance(layer.padding, str):
+            with contextlib.suppress(ValueError):  # an asymmetric "same" has no numeric form and matches nothing
+                geometry["padding"] = _numeric_padding(layer, "")
+    return geometry
+
+
+def _misfit(expected, tensors, strict, built):
+    """Why `tensors` cannot be assigned to a model with state_dict `expected`, or None. A dense
+    floating tensor may come in another floating dtype, kept as the file has it (an SD folder
+    stores float16 weights for a model built in float32 on meta); every other dtype must match."""
+    quantized = tuple(f"{name}." for name in built)
+    wrong = []
+    for key, value in tensors.items():
+        if key not in expected:
+            continue
+        want = expected[key]
+        if value.shape != want.shape:
+            wrong.append(f"{key}: file {list(value.shape)} vs model {list(want.shape)}")
+        elif value.dtype != want.dtype and (key.startswith(quantized) or not (value.is_floating_point() and want.is_floating_point())):
+            wrong.append(f"{key}: file {value.dtype} vs model {want.dtype}")
     if strict:
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
         if missing:
@@ -97,38 +325,33 @@ def _misfit(expected, tensors, strict):
     return "; ".join(wrong) or None
 
 
-def _spec(module):
-    args = _CONV_ARGS if isinstance(module, Q4Conv2d) else _LINEAR_ARGS
-    spec = {"type": type(module).__name__, **{a: getattr(module, a) for a in args}, "bias": module.bias is not None}
-    if module.bias is not None:
-        spec["bias_dtype"] = str(module.bias.dtype).removeprefix("torch.")
-    return spec
+def _snapshot(model):
+    """Every module's parameters, buffers and children, to put back after a refused load."""
+    return [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
 
 
-def _build(spec):
-    spec = dict(spec)
-    cls = _TYPES[spec.pop("type")]
-    if "bias_dtype" in spec:
-        spec["bias_dtype"] = getattr(torch, spec["bias_dtype"])
-    return cls(**spec, device="meta")
+def _restore(snapshot):
+    for module, *saved in snapshot:
+        for held, was in zip((module._parameters, module._buffers, module._modules), saved):
+            held.clear()
+            held.update(was)
+
+
+def _is_int(value, minimum):
+    return type(value) is int and value >= minimum
+
+
+def _is_pair(value, minimum):
+    return isinstance(value, list) and len(value) == 2 and all(_is_int(v, minimum) for v in value)
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _bytes(tensor):
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _crc32(tensor):
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return zlib.crc32(data)
-
-
-def _check_layout(path):
-    """Name the first tensor whose bytes lie past the end of a truncated file."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"{path}: truncated safetensors header ({header_len} bytes announced, {size - 8} present)")
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    for key, info in header.items():
-        if key != "__metadata__" and 8 + header_len + info["data_offsets"][1] > size:
-            raise ValueError(f"{path}: tensor {key!r} is truncated (the file ends at byte {size})")
+    return zlib.crc32(_bytes(tensor))
