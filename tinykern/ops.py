@@ -1,5 +1,12 @@
 """The public ops. Each checks its arguments once, then runs the backend that
-`tinykern.backends` picks for the input's device."""
+`tinykern.backends` picks for the input's device.
+
+Non-finite x in q4k_matmul and q8_0_matmul: a row of x holding NaN or Inf gives non-finite
+outputs in that row and leaves the other rows as they would be; whether NaN or +-Inf depends
+on the backend (the cpu kernels below 14 rows fold the block mins in through sum(x), so an
+Inf meets -Inf and gives NaN where the reference gives +-Inf). rvq_encode's rule is in its
+docstring.
+"""
 
 import torch
 
@@ -22,34 +29,44 @@ def q8_0_dequantize(blocks, dtype=torch.float32):
 
 
 def q4k_matmul(x, w, bias=None):
-    """x [..., K] @ dequant(w).T + bias, w the Q4_K rows [N, nb*144] with K <= nb*256."""
+    """x [..., K] @ dequant(w).T + bias, w the Q4_K rows [N, nb*144] with K <= nb*256.
+    Non-finite x: see the module docstring."""
     return _matmul("q4k_matmul", x, w, bias, q4k)
 
 
 def q8_0_matmul(x, w, bias=None):
-    """x [..., K] @ dequant(w).T + bias, w the Q8_0 rows [N, nb*34] with K <= nb*32."""
+    """x [..., K] @ dequant(w).T + bias, w the Q8_0 rows [N, nb*34] with K <= nb*32.
+    Non-finite x: see the module docstring."""
     return _matmul("q8_0_matmul", x, w, bias, q8_0)
 
 
 def q4k_conv2d(x, w, bias, in_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
     """Conv2d of x [B, C, H, W] with Q4_K rows w [out, nb*144] holding each output channel's
-    (in_channels/groups)*kh*kw weights in F.unfold order, zero-padded to nb*256."""
+    (in_channels/groups)*kh*kw weights in F.unfold order, zero-padded to nb*256. padding is an
+    int, a pair, "valid" or "same" (stride 1 and an odd dilated kernel extent only: the padding
+    is symmetric)."""
     kh, kw = _pair(kernel_size)
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"q4k_conv2d: x must be [B, {in_channels}, H, W], got {list(x.shape)}")
     if in_channels % groups or w.shape[0] % groups:
         raise ValueError(f"q4k_conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={w.shape[0]}")
     _check_weight("q4k_conv2d", x, w, bias, in_channels // groups * kh * kw, q4k)
+    padding = _conv_padding("q4k_conv2d", padding, (kh, kw), stride, dilation)
     # Grouped convs are a separate op so that backends without them say so.
     op = "q4k_conv2d" if groups == 1 else "q4k_conv2d_grouped"
-    return _run(op, x.device, x, w, bias, (kh, kw), _pair(stride), _pair(padding), _pair(dilation), groups)
+    return _run(op, x.device, x, w, bias, (kh, kw), _pair(stride), padding, _pair(dilation), groups)
 
 
 def rvq_encode(x, codebooks):
-    """Residual VQ codes of x [N, D] against codebooks [L, K, D]: (codes [N, L] int64,
-    quantized [N, D] float32 = the sum of the chosen codewords)."""
+    """Residual VQ codes of x [N, D] against codebooks [L, K, D] (K >= 1): (codes [N, L] int64,
+    quantized [N, D] float32 = the sum of the chosen codewords).
+
+    Every backend picks the lowest code of smallest distance, and a NaN distance never wins:
+    a codeword holding NaN is never chosen, and a level where a row has no distance below
+    +Inf (a row of x holding NaN, say) gets code 0 there."""
     if x.dim() != 2 or codebooks.dim() != 3 or x.shape[1] != codebooks.shape[2]:
         raise ValueError(f"rvq_encode: expected x [N, D] and codebooks [L, K, D], got {list(x.shape)} and {list(codebooks.shape)}")
+    _check_codes_exist("rvq_encode", codebooks)
     if x.dtype not in _FLOATS or codebooks.dtype != torch.float32:
         raise ValueError(f"rvq_encode: x must be float32/float16/bfloat16 and codebooks float32, got {x.dtype} and {codebooks.dtype}")
     _same_device("rvq_encode", x, codebooks)
@@ -64,6 +81,7 @@ def rvq_decode(codes, codebooks):
     writes NaN to that row."""
     if codes.dim() != 2 or codebooks.dim() != 3 or codes.shape[1] > codebooks.shape[0]:
         raise ValueError(f"rvq_decode: expected codes [N, L'] and codebooks [L, K, D] with L' <= L, got {list(codes.shape)} and {list(codebooks.shape)}")
+    _check_codes_exist("rvq_decode", codebooks)
     if codes.dtype not in (torch.int32, torch.int64) or codebooks.dtype not in _FLOATS:
         raise ValueError(f"rvq_decode: codes must be int32/int64 and codebooks floating, got {codes.dtype} and {codebooks.dtype}")
     _same_device("rvq_decode", codes, codebooks)
@@ -94,7 +112,8 @@ def _check_weight(op, x, w, bias, k, fmt):
             f"{padded} weights; expected {padded - fmt.BLOCK + 1}..{padded}"
         )
     if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype not in _FLOATS):
-        raise ValueError(f"{op}: bias must be a float vector [{w.shape[0]}], got {bias.dtype} {list(bias.shape)}")
+        raise ValueError(f"{op}: bias must be float32/float16/bfloat16 of shape [{w.shape[0]}], "
+                         f"got {bias.dtype} {list(bias.shape)}")
     _same_device(op, x, w, *([bias] if bias is not None else []))
 
 
@@ -103,6 +122,29 @@ def _check_blocks(op, blocks, block_bytes):
         raise ValueError(f"{op}: blocks must be uint8, got {blocks.dtype}")
     if blocks.dim() == 0 or blocks.shape[-1] % block_bytes:
         raise ValueError(f"{op}: the last dim of {list(blocks.shape)} is not a multiple of {block_bytes} bytes")
+
+
+def _check_codes_exist(op, codebooks):
+    if codebooks.shape[1] == 0:
+        raise ValueError(f"{op}: codebooks {list(codebooks.shape)} hold no codes (K = 0); expected [L, K, D] with K >= 1")
+
+
+def _conv_padding(where, padding, kernel_size, stride, dilation):
+    """padding as a pair of ints: "valid" is 0, "same" is dilation*(k-1)/2 a side (stride 1
+    only, as in torch; tinykern's convs pad symmetrically, so the extent must be even)."""
+    if not isinstance(padding, str):
+        return _pair(padding)
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"{where}: padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    if _pair(stride) != (1, 1):
+        raise ValueError(f"{where}: padding='same' needs stride 1 (as in torch), got stride={stride}")
+    total = [d * (k - 1) for d, k in zip(_pair(dilation), _pair(kernel_size))]
+    if any(t % 2 for t in total):
+        raise ValueError(f"{where}: padding='same' with kernel_size={kernel_size}, dilation={dilation} pads one side "
+                         "more than the other; tinykern's convs pad symmetrically only")
+    return tuple(t // 2 for t in total)
 
 
 def _same_device(op, *tensors):

@@ -97,36 +97,56 @@ class QuantReport(list):
 
 def quantize_(model, config=None):
     """Replace, in place, every nn.Linear and nn.Conv2d of `model` that `config` selects with
-    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. Every layer is quantized before
-    any is swapped, so a refused weight (NaN, Inf) leaves the model as it was. On the meta
-    device the modules are built empty (fill them with load_quantized)."""
+    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. All or nothing: every layer is
+    quantized before any is swapped, so a refused weight or bias (ValueError naming it) leaves
+    the model as it was, and a swap that fails puts back the layers already swapped and raises
+    ValueError naming the layer. Subclasses of nn.Linear / nn.Conv2d stay dense (their forward
+    may do more than the base class's) and are reported so. On the meta device the modules are
+    built empty (fill them with load_quantized)."""
     config = config or QuantConfig()
     report = QuantReport()
     new = {}  # id(layer) -> its replacement: a layer shared by several paths is quantized once
     swaps = []
     for name, module in model.named_modules(remove_duplicate=False):
-        if type(module) not in (nn.Linear, nn.Conv2d):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         if id(module) in new:
-            swaps.append((name, new[id(module)]))
+            if new[id(module)] is not module:
+                swaps.append((name, new[id(module)]))
             continue
         kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
         before = module.weight.numel() * module.weight.element_size()
-        fmt, why = config.format_for(name, module)
+        if type(module) in (nn.Linear, nn.Conv2d):
+            fmt, why = config.format_for(name, module)
+        else:
+            fmt, why = None, f"subclass {type(module).__name__} of nn.{kind}: its forward may do more than nn.{kind}'s"
         if fmt is None:
             new[id(module)] = module
             report.append(LayerReport(name, kind, "dense", before, before, None, why))
             continue
         if not name:
             raise ValueError("quantize_ replaces layers inside a model; wrap a bare layer in a container")
-        label = f"{name}.weight"
-        layer = Q4Conv2d.from_conv(module, label) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, label)
+        layer = Q4Conv2d.from_conv(module, name) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, name)
         new[id(module)] = layer
         swaps.append((name, layer))
         report.append(LayerReport(name, kind, fmt, before, layer.qweight.numel(), _rel_error(module.weight, layer)))
-    for name, layer in swaps:
-        _replace(model, name, layer)
+    _swap_all(model, swaps)
     return report
+
+
+def _swap_all(model, swaps):
+    """Make every (name, layer) swap, or none: a failure puts the swapped layers back."""
+    done = []
+    for name, layer in swaps:
+        old = model.get_submodule(name)
+        try:
+            _replace(model, name, layer)
+        except Exception as e:
+            for done_name, done_old in reversed(done):
+                _replace(model, done_name, done_old)
+            raise ValueError(f"quantize_: could not replace {name} ({type(e).__name__}: {e}); "
+                             "the model is left as it was") from e
+        done.append((name, old))
 
 
 def quantized_modules(model):

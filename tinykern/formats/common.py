@@ -2,11 +2,27 @@
 
 import torch
 
+# Block scales are stored as fp16, so a format's range is this times its largest scale factor.
+FP16_MAX = torch.finfo(torch.float16).max
 
-def check_finite(w, name):
-    if not bool(torch.isfinite(w).all()):
-        bad = (~torch.isfinite(w)).sum().item()
+
+def float32_in_range(w, name, fmt, low, high):
+    """w as float32, after checking that it is finite and within [low, high], the range `fmt`
+    can hold; raises ValueError naming `name` otherwise."""
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        bad = (~finite).sum().item()
         raise ValueError(f"{name}: cannot quantize a weight holding NaN or Inf ({bad} of {w.numel()} values)")
+    # Checked in float32, the precision the quantizer works in (bf16 rounds the bounds).
+    x = w.detach().float()
+    outside = (x < low) | (x > high)
+    if bool(outside.any()):
+        farthest = x.min() if x.min() < low else x.max()
+        raise ValueError(
+            f"{name}: {fmt} holds weights in [{low:.9g}, {high:.9g}] (its block scales are fp16), but "
+            f"{outside.sum().item()} of {w.numel()} values lie outside (the farthest: {farthest.item():.9g})"
+        )
+    return x
 
 
 def round_to_fp16(x):

@@ -7,12 +7,15 @@ for eight 32-weight sub-blocks, 128 bytes of 4-bit codes. A row of K weights (K 
 
 import torch
 
-from tinykern.formats.common import check_finite, fp16_bytes, fp16_from_bytes, round_to_fp16
+from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, round_to_fp16
 
 BLOCK = 256
 BLOCK_BYTES = 144
 SUB = 32  # weights per sub-block
 NMAX = 15
+# The range a block can hold: down to -dmin*63 (the largest min), up to d*63*15 with min 0.
+LOWEST = -63 * FP16_MAX
+HIGHEST = 63 * NMAX * FP16_MAX
 # The reference quantizer's candidate grids: iscale = (nmax + rmin + rdelta*i) / (max - min).
 _GRID_STEPS = 21
 # Super-blocks quantized at a time: keeps the [S, 32] temporaries near 1 MB, in cache.
@@ -24,12 +27,12 @@ def quantize(w, name="weight"):
 
     Runs the reference quantizer's search (weighted 2x2 least squares over 21 grids per
     sub-block, 6-bit scales and mins, codes recomputed against the stored scales) vectorized
-    on w's device. Raises ValueError naming `name` if w holds NaN or Inf.
+    on w's device. Raises ValueError naming `name` if w holds NaN, Inf or values outside
+    [LOWEST, HIGHEST].
     """
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q4_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
-    check_finite(w, name)
-    x = w.detach().reshape(-1, BLOCK).float()
+    x = float32_in_range(w, name, "Q4_K", LOWEST, HIGHEST).reshape(-1, BLOCK)
     out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
     for start in range(0, x.shape[0], _CHUNK):
         out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
@@ -75,8 +78,10 @@ def _quantize_blocks(x):
     max_min = neg_min.amax(dim=1).clamp(min=0)
     sc = _six_bits(scale, max_scale)
     m = _six_bits(neg_min, max_min)
-    d = round_to_fp16(max_scale / 63)
-    dmin = round_to_fp16(max_min / 63)
+    # The fit may ask for a little more than fp16 holds near the range's ends: saturate (the
+    # codes below are recomputed against the stored values).
+    d = round_to_fp16((max_scale / 63).clamp(max=FP16_MAX))
+    dmin = round_to_fp16((max_min / 63).clamp(max=FP16_MAX))
 
     # Codes against the stored, rounded parameters; sub-blocks whose stored scale is 0 keep
     # the search's codes (they contribute nothing either way), as the reference does.

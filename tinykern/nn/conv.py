@@ -6,7 +6,8 @@ from torch import nn
 
 from tinykern import ops
 from tinykern.formats import q4k
-from tinykern.nn.linear import _bias_dtype
+from tinykern.nn.linear import _bias_dtype, check_bias
+from tinykern.ops import _conv_padding, _pair
 
 
 class Q4Conv2d(nn.Module):
@@ -23,8 +24,8 @@ class Q4Conv2d(nn.Module):
         self.out_channels = out_channels
         self.kernel_size = _pair(kernel_size)
         self.stride = _pair(stride)
-        self.padding = _pair(padding)
         self.dilation = _pair(dilation)
+        self.padding = _conv_padding("Q4Conv2d", padding, self.kernel_size, self.stride, self.dilation)
         self.groups = groups
         row = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         blocks = -(-row // q4k.BLOCK)
@@ -32,8 +33,9 @@ class Q4Conv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_conv(cls, conv, name="weight"):
-        """Quantize an nn.Conv2d (zero padding mode, numeric padding) on its own device."""
+    def from_conv(cls, conv, name="conv"):
+        """Quantize an nn.Conv2d (zero padding mode, symmetric padding) on its own device.
+        `name`, the layer's path, labels errors as in Q4Linear.from_linear."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"{name}: Q4Conv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _numeric_padding(conv, name),
@@ -41,9 +43,10 @@ class Q4Conv2d(nn.Module):
                      bias_dtype=_bias_dtype(conv.bias))
         if conv.weight.is_meta:
             return module
+        check_bias(conv.bias, name)
         rows = conv.weight.detach().float().reshape(conv.out_channels, -1)
         padded = module.qweight.shape[1] // q4k.BLOCK_BYTES * q4k.BLOCK
-        module.qweight.copy_(q4k.quantize(F.pad(rows, (0, padded - rows.shape[1])), name=name))
+        module.qweight.copy_(q4k.quantize(F.pad(rows, (0, padded - rows.shape[1])), name=f"{name}.weight"))
         if conv.bias is not None:
             module.bias.data.copy_(conv.bias.detach())
         return module
@@ -64,16 +67,6 @@ class Q4Conv2d(nn.Module):
                 f"format=q4_k, bytes={self.qweight.numel()}")
 
 
-def _pair(v):
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _numeric_padding(conv, name):
-    if not isinstance(conv.padding, str):
-        return conv.padding
-    if conv.padding == "valid":
-        return (0, 0)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-    if any(t % 2 for t in total):
-        raise ValueError(f"{name}: padding='same' with an even kernel extent is asymmetric; Q4Conv2d needs symmetric padding")
-    return tuple(t // 2 for t in total)
+    """conv.padding as a pair of ints; ValueError naming `name` for a padding Q4Conv2d cannot use."""
+    return _conv_padding(name, conv.padding, conv.kernel_size, conv.stride, conv.dilation)

@@ -26,22 +26,26 @@ class _BlockLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear, name="weight"):
-        """Quantize an nn.Linear (on its own device); `name` labels errors, e.g. the layer path."""
+    def from_linear(cls, linear, name="linear"):
+        """Quantize an nn.Linear (on its own device). `name`, the layer's path, labels errors
+        ("{name}.weight", "{name}.bias"): a weight the format cannot hold (NaN, Inf, out of its
+        range) or a NaN/Inf bias raises ValueError."""
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
                      bias_dtype=_bias_dtype(linear.bias))
         if linear.weight.is_meta:
             return module
+        check_bias(linear.bias, name)
         padded = module.qweight.shape[1] // module.FORMAT.BLOCK_BYTES * module.FORMAT.BLOCK
         weight = F.pad(linear.weight.detach().float(), (0, padded - linear.in_features))
-        module.qweight.copy_(module.FORMAT.quantize(weight, name=name))
+        module.qweight.copy_(module.FORMAT.quantize(weight, name=f"{name}.weight"))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module
 
     @classmethod
     def from_packed(cls, qweight, in_features, bias=None):
-        """Adopt existing blocks (e.g. a GGUF tensor) as they are, without re-quantizing."""
+        """Adopt existing blocks (e.g. a GGUF tensor) and bias (float32 or float16) as they are,
+        without re-quantizing or converting."""
         module = cls(in_features, qweight.shape[0], bias is not None, device="meta")
         expected = tuple(module.qweight.shape)
         if qweight.dtype != torch.uint8 or tuple(qweight.shape) != expected:
@@ -49,6 +53,9 @@ class _BlockLinear(nn.Module):
                 f"{cls.__name__}: packed weight must be uint8 {list(expected)} for in_features={in_features}, "
                 f"got {qweight.dtype} {list(qweight.shape)}"
             )
+        if bias is not None and (bias.dtype not in _BIAS_DTYPES or tuple(bias.shape) != expected[:1]):
+            raise ValueError(f"{cls.__name__}: bias must be float32 or float16 [{expected[0]}], "
+                             f"got {bias.dtype} {list(bias.shape)}")
         module.qweight = qweight
         module.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         return module
@@ -83,6 +90,16 @@ class Q8Linear(_BlockLinear):
     _matmul = staticmethod(ops.q8_0_matmul)
 
 
+_BIAS_DTYPES = (torch.float32, torch.float16)
+
+
 def _bias_dtype(bias):
     # Biases stay in fp16 or fp32 as they came; bf16 and others become fp32.
-    return bias.dtype if bias is not None and bias.dtype in (torch.float16, torch.float32) else torch.float32
+    return bias.dtype if bias is not None and bias.dtype in _BIAS_DTYPES else torch.float32
+
+
+def check_bias(bias, name):
+    """Raise ValueError naming "{name}.bias" if a layer's bias holds NaN or Inf."""
+    if bias is not None and not bool(torch.isfinite(bias).all()):
+        bad = (~torch.isfinite(bias)).sum().item()
+        raise ValueError(f"{name}.bias: cannot keep a bias holding NaN or Inf ({bad} of {bias.numel()} values)")
