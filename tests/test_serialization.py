@@ -1,15 +1,21 @@
 """save_quantized / load_quantized: bit-identical round trips, and damaged files refused with a
 message that names the file and the tensor. Every file lives under tmp_path."""
 
+import io
 import json
+import os
+import stat
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tinykern import Q4Conv2d, Q4Linear, Q8Linear, QuantConfig, load_quantized, quantize_, save_quantized
+from tinykern import Q4Conv2d, Q4Linear, Q8Linear, QuantConfig, load_quantized, quantize_, save_quantized, serialization
+from tinykern.quantize import quantized_modules
 
 
 class Net(nn.Module):
@@ -214,3 +220,313 @@ def test_save_writes_only_the_given_path(gen, tmp_path, monkeypatch):
     save_quantized(model, target / "m.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
     assert [p.name for p in target.iterdir()] == ["m.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Edited files (issue #19): dtypes, shapes and specs are checksummed and checked against the model
+
+
+def rewrite(path, out, edit):
+    """Write `out`: `path` with its header JSON passed through `edit(header)`, its data as it was."""
+    raw = path.read_bytes()
+    n, head = header(path)
+    edit(head)
+    blob = json.dumps(head).encode()
+    out.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    return out
+
+
+def edit_metadata(key, edit, forge=False):
+    """A header edit that passes metadata[key], parsed, through `edit`; with forge=True the
+    metadata checksum is recomputed, as a forger would."""
+    def apply(head):
+        meta = head["__metadata__"]
+        meta[key] = json.dumps(edit(json.loads(meta[key])))
+        if forge:
+            meta["tinykern.checksum"] = serialization._metadata_checksum(
+                meta["tinykern.version"], meta["tinykern.modules"], meta["tinykern.tensors"])
+    return apply
+
+
+def fingerprint(model):
+    """Every module, parameter and buffer object of `model` by name, with device, dtype and value."""
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    return (dict(model.named_modules(remove_duplicate=False)),
+            {k: (t, t.device, t.dtype, None if t.is_meta else t.detach().clone()) for k, t in tensors.items()})
+
+
+def assert_unchanged(model, before):
+    modules, tensors = fingerprint(model)
+    assert modules.keys() == before[0].keys() and all(modules[k] is m for k, m in before[0].items())
+    assert tensors.keys() == before[1].keys()
+    for key, (t, device, dtype, value) in before[1].items():
+        now = tensors[key][0]
+        assert now is t and now.device == device and now.dtype == dtype, key
+        assert value is None or torch.equal(now, value), key
+    model.state_dict()  # no module has become its own child
+
+
+def fresh_model(where):
+    with torch.device(where):
+        return Net()
+
+
+def assert_refused(path, where, match=None):
+    model = fresh_model(where)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match=match) as info:
+        load_quantized(model, path)
+    assert str(path) in str(info.value)
+    assert_unchanged(model, before)
+    return str(info.value)
+
+
+@pytest.fixture
+def saved(gen, tmp_path):
+    model = make_quantized(gen)
+    path = tmp_path / "model.safetensors"
+    save_quantized(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("key,dtype,shape", [
+    ("proj.bias", "I32", None), ("conv.qweight", "I8", None),
+    ("norm.weight", "F16", [320]), ("proj.qweight", None, "swap"),
+])
+def test_relabelled_dtype_or_shape_is_refused(key, dtype, shape, saved, tmp_path):
+    _, path = saved
+
+    def edit(head):
+        entry = head[key]
+        if dtype is not None:
+            entry["dtype"] = dtype
+        if shape == "swap":
+            entry["shape"] = entry["shape"][::-1]
+        elif shape is not None:  # a narrower dtype over the same bytes holds more elements
+            entry["shape"] = [n * 2 for n in shape]
+    bad = rewrite(path, tmp_path / "relabelled.safetensors", edit)
+    for where in ("meta", "cpu"):
+        message = assert_refused(bad, where, match="the file was altered")
+        assert repr(key) in message
+
+
+def test_fp16_bias_relabelled_bf16_is_refused(gen, tmp_path):
+    path = tmp_path / "half.safetensors"
+    save_quantized(make_quantized(gen, torch.float16), path)
+    bad = rewrite(path, tmp_path / "bf16.safetensors", lambda head: head["proj.bias"].update(dtype="BF16"))
+    assert "'proj.bias'" in assert_refused(bad, "meta", match="bfloat16 .* in the header but was saved as 'float16'")
+
+
+@pytest.mark.parametrize("forge", [False, True], ids=["checksum", "forged-checksum"])
+@pytest.mark.parametrize("field,value", [("kernel_size", [1, 1]), ("dilation", [2, 2]), ("padding", [0, 0]),
+                                         ("stride", [3, 3]), ("groups", 4), ("bias", False)])
+def test_edited_conv_spec_is_refused(field, value, forge, saved, tmp_path):
+    _, path = saved
+
+    def change(specs):
+        specs["grouped"][field] = value
+        if field == "bias":
+            del specs["grouped"]["bias_dtype"]
+        return specs
+    bad = rewrite(path, tmp_path / "spec.safetensors", edit_metadata("tinykern.modules", change, forge))
+    for where in ("meta", "cpu"):
+        message = assert_refused(bad, where)
+        assert ("'grouped'" in message and field in message) if forge else "checksum" in message
+
+
+def test_a_spec_must_replace_a_layer_of_its_kind(saved, tmp_path):
+    _, path = saved
+    cases = {"": "proj", "norm": "proj", "nowhere": "proj", "dw.weight": "proj", "conv": "proj", "proj": "conv"}
+    for name, source in cases.items():
+        def move(specs):
+            specs[name] = specs.pop(source)
+            return specs
+        bad = rewrite(path, tmp_path / "moved.safetensors", edit_metadata("tinykern.modules", move, forge=True))
+        for where in ("meta", "cpu"):
+            assert f"quantized module {name!r}" in assert_refused(bad, where), name
+
+
+def test_conv_with_another_padding_mode_is_not_replaced(saved):
+    _, path = saved
+    model = Net()
+    model.conv.padding_mode = "reflect"
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="'conv' does not match.*padding_mode"):
+        load_quantized(model, path)
+    assert_unchanged(model, before)
+
+
+def forged(key, edit):
+    return edit_metadata(key, edit, forge=True)
+
+
+MALFORMED = {
+    "header is a list": lambda head: [head],
+    "header is null": lambda head: None,
+    "__metadata__ is null": lambda head: head.update(__metadata__=None),
+    "__metadata__ is a list": lambda head: head.update(__metadata__=[1]),
+    "metadata value not a string": lambda head: head["__metadata__"].update({"tinykern.modules": {}}),
+    "data_offsets missing": lambda head: head["conv.bias"].pop("data_offsets"),
+    "data_offsets a string": lambda head: head["conv.bias"].update(data_offsets="0,96"),
+    "data_offsets reversed": lambda head: head["conv.bias"].update(data_offsets=head["conv.bias"]["data_offsets"][::-1]),
+    "data_offsets negative": lambda head: head["conv.bias"].update(data_offsets=[-8, 88]),
+    "data_offsets short": lambda head: head["conv.bias"].update(data_offsets=[0]),
+    "tensor entry a number": lambda head: head.update({"conv.bias": 3}),
+    "version missing": lambda head: head["__metadata__"].pop("tinykern.version"),
+    "version from the future": lambda head: head["__metadata__"].update({"tinykern.version": "3"}),
+    "checksum missing": lambda head: head["__metadata__"].pop("tinykern.checksum"),
+    "specs a list": forged("tinykern.modules", lambda specs: list(specs)),
+    "specs null": forged("tinykern.modules", lambda specs: None),
+    "spec a string": forged("tinykern.modules", lambda specs: {**specs, "proj": "Q4Linear"}),
+    "spec type a list": forged("tinykern.modules", lambda specs: {**specs, "proj": {**specs["proj"], "type": []}}),
+    "spec type unknown": forged("tinykern.modules", lambda specs: {**specs, "proj": {**specs["proj"], "type": "Linear"}}),
+    "spec key extra": forged("tinykern.modules", lambda specs: {**specs, "proj": {**specs["proj"], "rank": 4}}),
+    "spec key missing": forged("tinykern.modules", lambda specs: {**specs, "proj": {"type": "Q4Linear"}}),
+    "spec value a float": forged("tinykern.modules", lambda specs: {**specs, "proj": {**specs["proj"], "in_features": 320.0}}),
+    "spec value a bool": forged("tinykern.modules", lambda specs: {**specs, "gate": {**specs["gate"], "out_features": True}}),
+    "spec pair of three": forged("tinykern.modules", lambda specs: {**specs, "conv": {**specs["conv"], "stride": [1, 1, 1]}}),
+    "bias_dtype not a dtype": forged("tinykern.modules", lambda specs: {**specs, "proj": {**specs["proj"], "bias_dtype": "load"}}),
+    "records a list": forged("tinykern.tensors", lambda records: [records]),
+    "record missing": forged("tinykern.tensors", lambda records: {k: v for k, v in records.items() if k != "proj.bias"}),
+    "record without crc": forged("tinykern.tensors", lambda records: {**records, "proj.bias": {"dtype": "float32", "shape": [40]}}),
+    "record shape a string": forged("tinykern.tensors",
+                                    lambda records: {**records, "proj.bias": {**records["proj.bias"], "shape": "40"}}),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_header_or_metadata_is_a_value_error_naming_the_file(case, saved, tmp_path):
+    _, path = saved
+
+    def edit(head):
+        replaced = MALFORMED[case](head)
+        return head if replaced is None and case != "header is null" else replaced
+    raw, (n, head) = path.read_bytes(), header(path)
+    blob = json.dumps(edit(head)).encode()
+    bad = tmp_path / "malformed.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    for where in ("meta", "cpu"):
+        assert_refused(bad, where)
+
+
+def test_file_from_an_older_tinykern_is_refused_with_advice(saved, tmp_path):
+    model, _ = saved
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    old = tmp_path / "old.safetensors"
+    modules = {name: serialization._spec(m) for name, m in quantized_modules(model)}
+    save_file(tensors, str(old), metadata={"format": "pt", "tinykern.modules": json.dumps(modules),
+                                           "tinykern.crc32": json.dumps({k: serialization._crc32(v) for k, v in tensors.items()})})
+    assert_refused(old, "meta", match="older tinykern.*re-save")
+
+
+@pytest.mark.parametrize("where", ["meta", "cpu"])
+def test_load_failing_midway_restores_every_parameter_and_buffer(where, saved):
+    _, path = saved
+    model = fresh_model(where)
+    before = fingerprint(model)
+
+    def refuse(*args):  # runs after the layers before `out` have been assigned
+        raise RuntimeError("refused by a load_state_dict hook")
+    model.out.register_load_state_dict_pre_hook(refuse)
+    with pytest.raises(ValueError, match="refused by a load_state_dict hook"):
+        load_quantized(model, path)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("where", ["meta", "cpu"])
+@pytest.mark.parametrize("misfit", ["shape", "dtype"])
+def test_file_that_misfits_one_dense_tensor_leaves_the_model_as_it_was(misfit, where, saved):
+    _, path = saved
+    model = fresh_model(where)
+    with torch.device(where):
+        if misfit == "shape":
+            model.out = nn.Linear(64, 9)
+        else:  # an integer parameter cannot take a floating tensor
+            model.norm.weight = nn.Parameter(torch.ones(320, dtype=torch.int32), requires_grad=False)
+    before = fingerprint(model)
+    with pytest.raises(ValueError, match="out.weight: file .8, 64. vs model .9, 64." if misfit == "shape" else
+                       "norm.weight: file torch.float32 vs model torch.int32"):
+        load_quantized(model, path)
+    assert_unchanged(model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic saves (issue #19): the file is the old one or the whole new one, never a part
+
+
+def test_save_failing_midway_keeps_the_old_file_and_leaves_nothing(gen, tmp_path, monkeypatch):
+    model = make_quantized(gen)
+    path = tmp_path / "model.safetensors"
+    save_quantized(model, path)
+    original = path.read_bytes()
+    write = serialization._write_safetensors
+
+    def half_then_fail(f, tensors, metadata):
+        buffer = io.BytesIO()
+        write(buffer, tensors, metadata)
+        f.write(buffer.getvalue()[:buffer.tell() // 2])
+        raise OSError("no space left on device")
+    monkeypatch.setattr(serialization, "_write_safetensors", half_then_fail)
+    with torch.no_grad():
+        model.proj.bias.add_(1)
+    with pytest.raises(OSError, match="no space left"):
+        save_quantized(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == original
+
+
+KILLED_SAVE = """
+import os, sys, time
+import torch
+from tinykern import QuantConfig, quantize_, save_quantized
+
+def stop(fd):  # the temporary file is complete and not yet renamed: say so, and wait to be killed
+    print("writing", flush=True)
+    time.sleep(600)
+
+os.fsync = stop
+model = torch.nn.Sequential(torch.nn.Linear(256, 8))
+quantize_(model, QuantConfig(min_features=1))
+save_quantized(model, sys.argv[1])
+"""
+
+
+def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(gen, tmp_path):
+    model = make_quantized(gen)
+    path = tmp_path / "model.safetensors"
+    save_quantized(model, path)
+    original = path.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "writing\n"
+    finally:
+        child.kill()
+        child.wait()
+    orphans = [p.name for p in tmp_path.iterdir() if p != path]
+    assert len(orphans) == 1 and orphans[0].startswith(f".{path.name}.{child.pid}-"), orphans
+    assert path.read_bytes() == original
+    save_quantized(model, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == original
+
+
+def test_saved_file_mode_follows_the_umask_and_an_existing_file(gen, tmp_path):
+    model = make_quantized(gen)
+    old = os.umask(0o027)
+    try:
+        save_quantized(model, tmp_path / "a.safetensors")
+        os.umask(0o002)
+        save_quantized(model, tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o666 & ~0o027
+    assert stat.S_IMODE((tmp_path / "b.safetensors").stat().st_mode) == 0o666 & ~0o002
+    (tmp_path / "a.safetensors").chmod(0o600)  # as open(path, "w") would, a re-save keeps the mode
+    save_quantized(model, tmp_path / "a.safetensors")
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o600
+
+
+def test_saved_file_reads_as_plain_safetensors(saved):
+    model, path = saved
+    tensors = load_file(str(path))
+    state = model.state_dict()
+    assert tensors.keys() == state.keys()
+    assert all(tensors[k].dtype == v.dtype and torch.equal(tensors[k], v) for k, v in state.items())
