@@ -356,6 +356,14 @@ def test_conv_with_another_padding_mode_is_not_replaced(saved):
     assert_unchanged(model, before)
 
 
+def test_conv_with_padding_same_takes_its_numeric_spec(saved):
+    _, path = saved
+    model = Net()
+    model.conv = nn.Conv2d(16, 24, 3, padding="same")  # the saved conv has padding=1
+    load_quantized(model, path)
+    assert type(model.conv) is Q4Conv2d and model.conv.padding == (1, 1)
+
+
 def forged(key, edit):
     return edit_metadata(key, edit, forge=True)
 

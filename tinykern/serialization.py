@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
-from tinykern.nn.conv import _numeric_padding
+from tinykern.ops import _conv_padding
 from tinykern.quantize import _replace, quantized_modules
 
 VERSION = "2"  # of the metadata layout; files without it are refused, as they lack the checksums
@@ -298,7 +298,7 @@ def _geometry(layer):
             geometry["padding_mode"] = layer.padding_mode
         if isinstance(layer.padding, str):
             with contextlib.suppress(ValueError):  # an asymmetric "same" has no numeric form and matches nothing
-                geometry["padding"] = _numeric_padding(layer, "")
+                geometry["padding"] = _conv_padding("", layer.padding, layer.kernel_size, layer.stride, layer.dilation)
     return geometry
 
 
