@@ -10,6 +10,8 @@ import contextvars
 import importlib
 import os
 
+import torch
+
 from tinykern import _ext
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
@@ -47,7 +49,8 @@ def register(op, backend):
 @contextlib.contextmanager
 def backend(name):
     """Force `name` for every op called in this context (`"auto"` restores the default)."""
-    token = _forced.set(_check_name(name))
+    preload(_check_name(name))
+    token = _forced.set(name)
     try:
         yield
     finally:
@@ -80,6 +83,21 @@ def unavailable_reason(name, device_type, op=None):
         if (op, name) not in _IMPLS:
             return f"the {name} backend has no {op} kernel"
     return reason
+
+
+def preload(name="auto", device_types=None):
+    """Import the implementations of backend `name` ("auto": of every backend `auto` may pick)
+    that can run on `device_types` (default: CPU, and CUDA when a GPU is present).
+
+    resolve() imports them on first use, but torch.compile cannot trace an import, so whatever
+    is compiled before any eager call must find them loaded: backend() calls this on entry,
+    the quantized modules on construction and tinykern.ops on import (CPU only: no device
+    query at import)."""
+    device_types = device_types or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
+    names = {n for t in device_types for n in AUTO_ORDER[t]} if name == "auto" else {name}
+    for n in sorted(names):
+        if any(unavailable_reason(n, t) is None for t in device_types):
+            _load(n)
 
 
 def resolve(op, device):

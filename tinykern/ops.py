@@ -2,10 +2,10 @@
 `tinykern.backends` picks for the input's device.
 
 Non-finite x in q4k_matmul and q8_0_matmul: a row of x holding NaN or Inf gives non-finite
-outputs in that row and leaves the other rows as they would be; whether NaN or +-Inf depends
-on the backend (the cpu kernels below 14 rows fold the block mins in through sum(x), so an
-Inf meets -Inf and gives NaN where the reference gives +-Inf). rvq_encode's rule is in its
-docstring.
+outputs in that row and leaves the other rows as they would be. Whether NaN or +-Inf depends
+on the backend and the number of rows: the Q4_K kernels that fold the block mins in through
+sum(x) (cpu below 14 rows, triton's skinny kernel) meet Inf - Inf and give NaN where the
+reference gives +-Inf. rvq_encode's rule is in its docstring.
 """
 
 import torch
@@ -14,6 +14,7 @@ from tinykern import backends
 from tinykern.formats import q4k, q8_0
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+backends.preload(device_types=("cpu",))
 
 
 def q4k_dequantize(blocks, dtype=torch.float32):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinykern import ops
+from tinykern import backends, ops
 from tinykern.formats import q4k
 from tinykern.nn.linear import _bias_dtype, check_bias
 from tinykern.ops import _conv_padding, _pair
@@ -18,6 +18,7 @@ class Q4Conv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, device=None, bias_dtype=torch.float32):
         super().__init__()
+        backends.preload()  # before any torch.compile of the model (see backends.preload)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"Q4Conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         self.in_channels = in_channels

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinykern import ops
+from tinykern import backends, ops
 from tinykern.formats import q4k, q8_0
 
 
@@ -17,6 +17,7 @@ class _BlockLinear(nn.Module):
 
     def __init__(self, in_features, out_features, bias=True, device=None, bias_dtype=torch.float32):
         super().__init__()
+        backends.preload()  # before any torch.compile of the model (see backends.preload)
         self.in_features = in_features
         self.out_features = out_features
         blocks = -(-in_features // self.FORMAT.BLOCK)

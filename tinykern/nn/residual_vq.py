@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinykern import ops
+from tinykern import backends, ops
 
 
 class ResidualVQ(nn.Module):
@@ -42,7 +42,11 @@ class ResidualVQ(nn.Module):
                  decay=0.99, commitment_weight=0.25, kmeans_init=True, dead_code_threshold=2.0,
                  quantize_dropout=False, kmeans_iters=10, eps=1e-5, channels_first=False):
         super().__init__()
+        backends.preload()  # before any torch.compile of the model (see backends.preload)
         codebook_dim = codebook_dim or dim
+        if min(dim, codebook_size, num_levels, codebook_dim) < 1:
+            raise ValueError(f"ResidualVQ: dim, codebook_size, num_levels and codebook_dim must be >= 1, got "
+                             f"{dim}, {codebook_size}, {num_levels} and {codebook_dim}")
         self.dim = dim
         self.codebook_size = codebook_size
         self.num_levels = num_levels

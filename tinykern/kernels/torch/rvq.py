@@ -14,9 +14,11 @@ CHUNK_BYTES = 64 << 20
 @backends.register("rvq_encode", "torch")
 def rvq_encode(x, codebooks):
     num_levels, k, _ = codebooks.shape
-    x = x.float()
-    residual = x.clone()
+    residual = x.float().clone()
     codes = torch.empty(x.shape[0], num_levels, dtype=torch.int64, device=x.device)
+    # The sum of the chosen codewords, levels in order into an fp32 zero as rvq_decode adds
+    # them (not x - residual, which is NaN for a row of x holding Inf).
+    quantized = torch.zeros_like(residual)
     # ||c||^2 once per code; ||r||^2 is the same for every code of a row, so the argmin drops it.
     norms = codebooks.square().sum(-1)
     rows = max(1, CHUNK_BYTES // (4 * k))
@@ -24,11 +26,14 @@ def rvq_encode(x, codebooks):
         r = residual[start:start + rows]
         for level in range(num_levels):
             dist = torch.addmm(norms[level], r, codebooks[level].t(), alpha=-2)
-            # argmin returns the first minimal index, so ties go to the lowest code.
-            idx = dist.argmin(1)
+            # A NaN distance never wins (ops.rvq_encode's rule); argmin returns the first
+            # minimal index, so ties, and rows with no distance below +Inf, go to the lowest code.
+            idx = dist.masked_fill_(dist.isnan(), float("inf")).argmin(1)
             codes[start:start + rows, level] = idx
-            r -= codebooks[level].index_select(0, idx)
-    return codes, x - residual
+            chosen = codebooks[level].index_select(0, idx)
+            r -= chosen
+            quantized[start:start + rows] += chosen
+    return codes, quantized
 
 
 @backends.register("rvq_decode", "torch")

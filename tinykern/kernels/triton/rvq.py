@@ -4,7 +4,7 @@ Encode: a program owns BLOCK_N rows and keeps their fp32 residual on chip throug
 levels. For each level it streams the codebook in tiles of BLOCK_K codes, scores them with
 ||c||^2 - 2 r.c (||c||^2 precomputed by the launcher, ||r||^2 dropped: it does not change the
 argmin) and keeps a running min/argmin, so no N x K matrix exists anywhere. Only codes [N, L]
-and quantized [N, D] are written: memory is O(N*L + L*K*D).
+are written; quantized [N, D] is their decode: memory is O(N*L + N*D + L*K*D).
 
 Decode: gather the selected codewords level by level and add them in fp32.
 """
@@ -22,7 +22,7 @@ MAX_DIM = 512
 
 
 @triton.jit
-def _rvq_encode_kernel(x_ptr, cb_ptr, norms_ptr, codes_ptr, q_ptr, N, K, D, L,
+def _rvq_encode_kernel(x_ptr, cb_ptr, norms_ptr, codes_ptr, N, K, D, L,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                        USE_DOT: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -31,8 +31,7 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norms_ptr, codes_ptr, q_ptr, N, K, D, L,
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < D
     tile_ok = row_ok[:, None] & dim_ok[None, :]
-    x_ptrs = x_ptr + rows[:, None] * D + dims[None, :]
-    r = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    r = tl.load(x_ptr + rows[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     ks = tl.arange(0, BLOCK_K)
     for level in range(L):
         cb = cb_ptr + level * K * D
@@ -48,10 +47,11 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norms_ptr, codes_ptr, q_ptr, N, K, D, L,
             else:
                 # D of 8 or less: a dot would pad D to 16, the broadcast does the exact work.
                 dot = tl.sum(r[:, None, :] * c[None, :, :], axis=2)
-            # Padded codes get +inf so they never win.
+            # Padded codes get +inf so they never win, and so do NaN distances (ops.rvq_encode's rule).
             norms = tl.load(norms_ptr + level * K + k_idx, mask=k_ok, other=float("inf"))
-            tile_d, tile_i = tl.min(norms[None, :] - 2.0 * dot, axis=1, return_indices=True,
-                                    return_indices_tie_break_left=True)
+            dist = norms[None, :] - 2.0 * dot
+            dist = tl.where(dist != dist, float("inf"), dist)
+            tile_d, tile_i = tl.min(dist, axis=1, return_indices=True, return_indices_tie_break_left=True)
             # Strict < : tiles come in increasing code order, so a tie keeps the earlier code.
             better = tile_d < best_d
             best_d = tl.where(better, tile_d, best_d)
@@ -59,9 +59,6 @@ def _rvq_encode_kernel(x_ptr, cb_ptr, norms_ptr, codes_ptr, q_ptr, N, K, D, L,
         tl.store(codes_ptr + rows * L + level, best_i.to(tl.int64), mask=row_ok)
         chosen = tl.load(cb + best_i.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
         r = r - chosen
-    # x is read again rather than kept live through the levels: half the registers.
-    x = tl.load(x_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
-    tl.store(q_ptr + rows[:, None] * D + dims[None, :], x - r, mask=tile_ok)
 
 
 @triton.jit
@@ -115,17 +112,19 @@ def rvq_encode_triton(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
             "cuda/cpu/torch backend, or project to a smaller codebook_dim"
         )
     codes = torch.empty(n, num_levels, dtype=torch.int64, device=x.device)
-    quantized = torch.empty(n, d, dtype=torch.float32, device=x.device)
     if n == 0:
-        return codes, quantized
+        return codes, torch.empty(n, d, dtype=torch.float32, device=x.device)
     norms = codebooks.square().sum(-1).contiguous()
     block_n, block_k, block_d, use_dot, warps = _encode_config(d)
     with _on_device(x):
         _rvq_encode_kernel[(triton.cdiv(n, block_n),)](
-            x, codebooks, norms, codes, quantized, n, k, d, num_levels,
+            x, codebooks, norms, codes, n, k, d, num_levels,
             BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d, USE_DOT=use_dot, num_warps=warps,
         )
-    return codes, quantized
+    # quantized is the decode of the codes, a second launch: the sum of the chosen codewords
+    # in level order, as the other backends add them (x - residual would be NaN where x is Inf,
+    # and keeping a sum live through the levels would double the kernel's registers).
+    return codes, _decode(codes, codebooks)
 
 
 @rvq_encode_triton.register_fake
@@ -136,7 +135,10 @@ def _(x, codebooks):
 
 @torch.library.custom_op("tinykern::rvq_decode_triton", mutates_args=())
 def rvq_decode_triton(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    codes, codebooks = codes.contiguous(), codebooks.contiguous()
+    return _decode(codes.contiguous(), codebooks.contiguous())
+
+
+def _decode(codes, codebooks):
     n, num_levels = codes.shape
     _, k, d = codebooks.shape
     out = torch.empty(n, d, dtype=codebooks.dtype, device=codes.device)
