@@ -72,7 +72,10 @@ def attempt(target, path):
     except Exception as e:  # every other exception is what the fuzzer looks for
         return "crash", "".join(traceback.format_exception_only(e)).strip(), None
     check = getattr(target, "suspicious", None)
-    return "accepted", "", check(path) if check else None
+    try:
+        return "accepted", "", check(path) if check else None
+    except Exception as e:  # a broken oracle must be seen, not taken for a verdict on the input
+        return "crash", "suspicious(): " + "".join(traceback.format_exception_only(e)).strip(), None
 
 
 class _Stats:

@@ -241,12 +241,13 @@ def _aligned(n, alignment):
 
 def _tensors(path, f, infos, data_start):
     with f:
+        unbuffered = f.raw  # every byte as the file holds it now, none kept from an earlier read
         for t in infos:
             raw = torch.empty(t.nbytes, dtype=torch.uint8)
-            f.seek(data_start + t.offset)
+            unbuffered.seek(data_start + t.offset)
             view, got = memoryview(raw.numpy()), 0
             while got < t.nbytes:
-                n = f.readinto(view[got:])
+                n = unbuffered.readinto(view[got:])
                 if not n:
                     raise ValueError(f"{path}: tensor {t.name!r}: the file ends {got} bytes into its {t.nbytes} bytes "
                                      "of data (truncated while being read)")
