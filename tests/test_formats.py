@@ -321,6 +321,36 @@ def test_nan_and_inf_raise_naming_the_tensor(fmt, bad, gen):
         fmt.quantize(w, name="unet.down.0.weight")
 
 
+# The range each format holds (its block scales are fp16): (format, lowest, highest).
+RANGES = [pytest.param(q8_0, -q8_0.MAX_ABS, q8_0.MAX_ABS, id="q8_0"),
+          pytest.param(q4k, q4k.LOWEST, q4k.HIGHEST, id="q4_k")]
+
+
+@pytest.mark.parametrize("fmt,lowest,highest", RANGES)
+def test_weights_at_the_range_ends_quantize_finite(fmt, lowest, highest, gen):
+    w = torch.randn(4, 512, generator=gen)
+    w = (w / w.abs().max() * highest).clamp(lowest, highest)
+    w[1, 3], w[2, 300] = lowest, highest
+    single = torch.zeros(2, 256)
+    single[0, 9], single[1, 200] = lowest, highest
+    dense, single_back = fmt.dequantize(fmt.quantize(w)), fmt.dequantize(fmt.quantize(single))
+    assert torch.isfinite(dense).all() and relative_error(dense, w) < 0.1
+    # A block holding one extreme value (and zeros) stores that value exactly.
+    assert single_back[0, 9] == lowest and single_back[1, 200] == highest and torch.isfinite(single_back).all()
+
+
+@pytest.mark.parametrize("side", ["lowest", "highest"])
+@pytest.mark.parametrize("fmt,lowest,highest", RANGES)
+def test_weights_past_the_range_raise_naming_the_tensor_and_range(fmt, lowest, highest, side, gen):
+    w = torch.randn(4, 256, generator=gen)
+    end = lowest if side == "lowest" else highest
+    w[2, 77] = torch.nextafter(torch.tensor(end), torch.tensor(2 * end))  # the next float32 out
+    with pytest.raises(ValueError, match=rf"unet\.down\.0\.weight: .*\[{lowest:.9g}, {highest:.9g}\].*1 of 1024"):
+        fmt.quantize(w, name="unet.down.0.weight")
+    # Checked in float32: a float64 weight that rounds to the end is what would be stored.
+    assert torch.isfinite(fmt.dequantize(fmt.quantize(torch.full((1, 256), end, dtype=torch.float64)))).all()
+
+
 @pytest.mark.parametrize("fmt,k,multiple", [(q4k, 320, 256), (q4k, 100, 256), (q8_0, 40, 32), (q8_0, 31, 32)],
                          ids=["q4_k-320", "q4_k-100", "q8_0-40", "q8_0-31"])
 def test_row_length_must_be_a_multiple_of_the_block(fmt, k, multiple, gen):
