@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import BACKEND_CASES, forced, relative_error
 from torch import nn
 
-from tinykern import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern import Q4Conv2d, Q4Linear, Q8Linear, ops
 from tinykern.formats import q4k, q8_0
 
 LINEARS = [pytest.param(Q4Linear, id="q4_k"), pytest.param(Q8Linear, id="q8_0")]
@@ -335,6 +335,69 @@ def test_conv_rejects_what_it_cannot_run(gen):
         module(torch.randn(1, 7, 5, 5, generator=gen))
     with pytest.raises(ValueError, match=r"\[8, 5, 5\]"):
         module(torch.randn(8, 5, 5, generator=gen))
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_conv_padding_strings_as_torch_takes_them(padding, gen):
+    conv = make_conv(gen, 16, 8, 3, padding=padding, dilation=2)
+    x = torch.randn(2, 16, 9, 8, generator=gen)
+    built = Q4Conv2d(16, 8, 3, padding=padding, dilation=2)
+    built.load_state_dict(Q4Conv2d.from_conv(conv).state_dict())
+    dense = F.conv2d(x, built.dequantize(), built.bias, 1, padding, 2)
+    y = ops.q4k_conv2d(x, built.qweight, built.bias, 16, 3, padding=padding, dilation=2)
+    assert built.padding == ((2, 2) if padding == "same" else (0, 0))
+    assert y.shape == dense.shape and relative_error(y, dense) < FP32_TOL
+    assert torch.equal(built(x), y)
+
+
+def test_conv_padding_strings_it_cannot_take_say_why(gen):
+    module = Q4Conv2d.from_conv(make_conv(gen, 8, 4, 3))
+    x = torch.randn(1, 8, 6, 6, generator=gen)
+    with pytest.raises(ValueError, match=r"q4k_conv2d: padding='same' needs stride 1.*stride=2"):
+        ops.q4k_conv2d(x, module.qweight, module.bias, 8, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match=r"q4k_conv2d: padding='same' with kernel_size=\(4, 4\).*symmetric"):
+        ops.q4k_conv2d(x, module.qweight, module.bias, 8, 4, padding="same")
+    with pytest.raises(ValueError, match=r"q4k_conv2d: padding must be .*'full'"):
+        ops.q4k_conv2d(x, module.qweight, module.bias, 8, 3, padding="full")
+    with pytest.raises(ValueError, match=r"Q4Conv2d: padding='same' needs stride 1"):
+        Q4Conv2d(8, 4, 3, stride=2, padding="same")
+
+
+@pytest.mark.parametrize("cls,too_big", [pytest.param(Q4Linear, 2 * q4k.HIGHEST, id="q4_k"),
+                                          pytest.param(Q8Linear, 2 * q8_0.MAX_ABS, id="q8_0")])
+def test_from_linear_names_the_layer_of_a_weight_or_bias_it_cannot_hold(cls, too_big, gen):
+    lin = make_linear(gen, 256, 8)
+    with torch.no_grad():
+        lin.weight[3, 4] = too_big
+    with pytest.raises(ValueError, match=r"unet\.proj\.weight: .*holds weights in"):
+        cls.from_linear(lin, "unet.proj")
+    lin = make_linear(gen, 256, 8)
+    with torch.no_grad():
+        lin.bias[5] = float("nan")
+    with pytest.raises(ValueError, match=r"unet\.proj\.bias: .*NaN or Inf \(1 of 8"):
+        cls.from_linear(lin, "unet.proj")
+
+
+def test_from_conv_names_the_layer_of_a_bias_it_cannot_keep(gen):
+    conv = make_conv(gen, 16, 8, 3)
+    with torch.no_grad():
+        conv.bias[2] = float("-inf")
+    with pytest.raises(ValueError, match=r"vae\.conv_in\.bias: .*NaN or Inf"):
+        Q4Conv2d.from_conv(conv, "vae.conv_in")
+
+
+def test_bias_of_another_dtype_is_refused_saying_what_is_wrong(gen):
+    module = Q4Linear.from_linear(make_linear(gen, 256, 8))
+    x = torch.randn(2, 256, generator=gen)
+    with pytest.raises(ValueError, match=r"Q4Linear: bias must be float32 or float16 \[8\], got torch.float64 \[8\]"):
+        Q4Linear.from_packed(module.qweight, 256, module.bias.double())
+    with pytest.raises(ValueError, match=r"float32 or float16 \[8\], got torch.float32 \[7\]"):
+        Q4Linear.from_packed(module.qweight, 256, module.bias[:7])
+    with pytest.raises(ValueError, match=r"q4k_matmul: bias must be float32/float16/bfloat16 of shape \[8\], got torch.float64"):
+        ops.q4k_matmul(x, module.qweight, module.bias.double())
+    conv = Q4Conv2d.from_conv(make_conv(gen, 8, 4, 3))
+    with pytest.raises(ValueError, match=r"q4k_conv2d: bias must be .*got torch.float64"):
+        ops.q4k_conv2d(torch.randn(1, 8, 5, 5, generator=gen), conv.qweight, conv.bias.double(), 8, 3)
 
 
 # --- Every backend -----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ class Q4Conv2d(nn.Module):
         `name`, the layer's path, labels errors as in Q4Linear.from_linear."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"{name}: Q4Conv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, _numeric_padding(conv, name),
+        padding = _conv_padding(name, conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
                      conv.dilation, conv.groups, conv.bias is not None, device=conv.weight.device,
                      bias_dtype=_bias_dtype(conv.bias))
         if conv.weight.is_meta:
@@ -67,7 +68,3 @@ class Q4Conv2d(nn.Module):
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}, "
                 f"format=q4_k, bytes={self.qweight.numel()}")
 
-
-def _numeric_padding(conv, name):
-    """conv.padding as a pair of ints; ValueError naming `name` for a padding Q4Conv2d cannot use."""
-    return _conv_padding(name, conv.padding, conv.kernel_size, conv.stride, conv.dilation)
