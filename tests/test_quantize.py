@@ -269,3 +269,68 @@ def test_a_layer_shared_by_two_paths_is_quantized_once_and_replaced_at_both(gen)
     report = quantize_(model)
     assert isinstance(model[0], Q4Linear) and model[0] is model[2]
     assert [r.name for r in report] == ["0"]
+
+
+@pytest.mark.parametrize("layer", ["blocks.1.attn.to_out", "blocks.0.conv1"])
+@pytest.mark.parametrize("what", ["weight", "bias"])
+def test_weight_past_the_range_or_nan_bias_names_the_layer_and_changes_nothing(layer, what, gen):
+    model = make_model(gen)
+    before = dict(model.named_modules())
+    with torch.no_grad():
+        # 1e9 is past the range of every format (fp16 block scales).
+        getattr(model.get_submodule(layer), what).view(-1)[3] = 1e9 if what == "weight" else float("nan")
+    with pytest.raises(ValueError, match=layer.replace(".", r"\.") + rf"\.{what}: "):
+        quantize_(model)
+    assert dict(model.named_modules()) == before
+
+
+class Frozen(nn.Module):
+    """A parent whose `fc` cannot be replaced once built (as some wrappers guard their layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(256, 256)
+        self.frozen = True
+
+    def __setattr__(self, name, value):
+        if name == "fc" and getattr(self, "frozen", False):
+            raise TypeError("fc is frozen")
+        super().__setattr__(name, value)
+
+
+def test_a_failed_swap_puts_back_every_layer_and_names_it():
+    model = nn.Sequential(nn.Linear(256, 256), Frozen(), nn.Linear(256, 256))
+    before = dict(model.named_modules())
+    with pytest.raises(ValueError, match=r"1\.fc \(TypeError: fc is frozen\)"):
+        quantize_(model)
+    assert dict(model.named_modules()) == before
+
+
+class LoRALinear(nn.Linear):
+    """A Linear whose forward adds a low-rank term: swapping it for Q4Linear would drop it."""
+
+    def __init__(self, n):
+        super().__init__(n, n)
+        self.down = nn.Parameter(torch.zeros(4, n))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.down.T @ self.down
+
+
+class WeightStandardizedConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return self._conv_forward(x, w, self.bias)
+
+
+def test_subclasses_of_linear_and_conv_are_reported_as_skipped():
+    model = nn.Sequential(LoRALinear(256), nn.Linear(256, 256), WeightStandardizedConv(32, 32, 3))
+    model.attn = nn.MultiheadAttention(256, 4)  # its out_proj is a Linear subclass
+    report = quantize_(model)
+    by_name = rows(report)
+    assert type(model[0]) is LoRALinear and type(model[2]) is WeightStandardizedConv and isinstance(model[1], Q4Linear)
+    for name, cls, kind in (("0", "LoRALinear", "Linear"), ("2", "WeightStandardizedConv", "Conv2d"),
+                            ("attn.out_proj", "NonDynamicallyQuantizableLinear", "Linear")):
+        r = by_name[name]
+        assert r.format == "dense" and r.kind == kind and r.rel_error is None and r.bytes_after == r.bytes_before
+        assert r.note.startswith(f"subclass {cls} of nn.{kind}"), r.note
