@@ -189,3 +189,10 @@ def test_vector_quantize_pytorch_codes_match(shared, codebook_dim, gen):
     q_ours, codes_ours, _ = ours(x)
     assert torch.equal(codes_ours, codes_theirs)
     assert torch.allclose(q_ours, q_theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [{"codebook_size": 0}, {"num_levels": 0}, {"dim": 0}])
+def test_sizes_below_one_are_refused_naming_them(kwargs):
+    args = {"dim": 8, "codebook_size": 16, "num_levels": 2, **kwargs}
+    with pytest.raises(ValueError, match=r"ResidualVQ: .*must be >= 1, got " + ", ".join(str(v) for v in args.values())):
+        ResidualVQ(**args)

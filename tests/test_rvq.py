@@ -220,3 +220,11 @@ def test_rvq_encode_triton_rejects_large_dim(device, gen):
     books = torch.randn(1, 4, 600, generator=gen).to(device)
     with backends.backend("triton"), pytest.raises(ValueError, match=r"\[5, 600\].*D <= 512"):
         ops.rvq_encode(torch.randn(5, 600, generator=gen).to(device), books)
+
+
+def test_rvq_ops_refuse_codebooks_without_codes(gen):
+    x = torch.randn(5, 8, generator=gen)
+    with pytest.raises(ValueError, match=r"rvq_encode: codebooks \[2, 0, 8\] hold no codes \(K = 0\)"):
+        ops.rvq_encode(x, torch.empty(2, 0, 8))
+    with pytest.raises(ValueError, match=r"rvq_decode: codebooks \[2, 0, 8\] hold no codes"):
+        ops.rvq_decode(torch.full((5, 2), -1), torch.empty(2, 0, 8))
