@@ -6,7 +6,7 @@ TORCH ?= torch==2.14.1
 MAX_JOBS ?= 2
 BIN = $(VENV)/bin
 
-.PHONY: install demo test bench info clean
+.PHONY: install demo test bench info fuzz clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ bench: install
 
 info: install
 	$(BIN)/python -m tinykern info
+
+# `make fuzz FUZZ_SECONDS=600 FUZZ_TARGETS=fuzz/fuzz_gguf.py`: atheris campaigns, each target for
+# FUZZ_SECONDS from seeds it builds itself; prints inputs tried, crashes, hangs, silent successes.
+FUZZ_SECONDS ?= 60
+FUZZ_TIMEOUT ?= 10
+FUZZ_TARGETS ?= $(wildcard fuzz/fuzz_*.py)
+
+fuzz: install
+	$(BIN)/pip install -q atheris
+	$(BIN)/python fuzz/campaign.py --seconds $(FUZZ_SECONDS) --timeout $(FUZZ_TIMEOUT) $(FUZZ_TARGETS)
 
 clean:
 	rm -rf build *.egg-info tinykern/_C*.so tinykern/_build_info.json $(VENV)/.installed

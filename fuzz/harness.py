@@ -22,7 +22,7 @@ Convention for a target, `fuzz/fuzz_<target>.py`:
 
 Counts (inputs tried, refused, accepted, silent successes = accepted inputs that differ from
 every seed, suspicious = silent successes that `suspicious` flags) go to the JSON file named by
-$FUZZ_STATS, at most a second old when libFuzzer ends the process. `fuzz/campaign.py` runs the
+$FUZZ_STATS, at most STATS_EVERY_S old when libFuzzer ends the process. `fuzz/campaign.py` runs the
 targets (`make fuzz`) and prints these counts.
 
 Tests run inputs through `run_batch`: one worker process loads files one after another and
@@ -41,16 +41,20 @@ import tempfile
 import time
 import traceback
 
-STATS_EVERY_S = 1.0
+STATS_EVERY_S = 0.2
 
 
 def instrumented(*packages):
-    """A context for the imports of the code under test: atheris instruments `packages` when it
-    is installed and this process is a fuzzer, and nothing is instrumented otherwise."""
-    if os.environ.get("FUZZ_INSTRUMENT") != "1":
+    """A context for the imports of the code under test: atheris instruments `packages` when this
+    process is a fuzzer (its main script a fuzz_<target>.py) and atheris is installed; nothing is
+    instrumented in a test worker."""
+    script = getattr(sys.modules["__main__"], "__file__", None) or ""
+    if not os.path.basename(script).startswith("fuzz_"):
         return contextlib.nullcontext()
-    import atheris
-
+    try:
+        import atheris
+    except ImportError:
+        return contextlib.nullcontext()  # main() says how to install it
     return atheris.instrument_imports(include=list(packages))
 
 
@@ -108,11 +112,12 @@ class _Stats:
 
 
 def main(script):
-    """The atheris entry point of the target `script` (its `__file__`)."""
-    os.environ["FUZZ_INSTRUMENT"] = "1"
-    import atheris
-
-    target = load_target(script)
+    """The atheris entry point of the target `script` (its `__file__`), run as the main script."""
+    try:
+        import atheris
+    except ImportError:
+        sys.exit(f"{script}: atheris is not installed (`make fuzz` installs it, or pip install atheris)")
+    target = sys.modules["__main__"]  # the script, its imports instrumented
     seeds = target.seeds()
     args = list(sys.argv)
     corpus = next((a for a in args[1:] if not a.startswith("-")), None)
