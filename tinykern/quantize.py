@@ -138,8 +138,8 @@ def _swap_all(model, swaps):
     """Make every (name, layer) swap, or none: a failure puts the swapped layers back."""
     done = []
     for name, layer in swaps:
-        old = model.get_submodule(name)
         try:
+            old = model.get_submodule(name)
             _replace(model, name, layer)
         except Exception as e:
             for done_name, done_old in reversed(done):
