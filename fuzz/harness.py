@@ -25,8 +25,9 @@ every seed, suspicious = silent successes that `suspicious` flags) go to the JSO
 $FUZZ_STATS, at most STATS_EVERY_S old when libFuzzer ends the process. `fuzz/campaign.py` runs the
 targets (`make fuzz`) and prints these counts.
 
-Tests run inputs through `run_batch`: one worker process loads files one after another and
-reports each outcome, so a hang (time limit) or a signal is pinned on the input that caused it.
+Tests run inputs through `run_inputs` (or `run_batch`): one worker process loads files one after
+another and reports each outcome, so a hang (time limit) or a signal is pinned on the input that
+caused it; `failures` lists what is wrong with the outcomes.
 """
 
 import contextlib
@@ -192,6 +193,41 @@ def run_batch(script, paths, timeout_s=10.0, startup_s=180.0):
         proc.stdout.close()
         os.unlink(listing.name)
     return results
+
+
+def run_inputs(script, folder, inputs):
+    """Write each (family, label, data, must_refuse) of `inputs` to a file in `folder` (with the
+    target's SUFFIX) and load them all through run_batch: {family: [(label, path, must_refuse,
+    outcome)]}, in the order given."""
+    suffix = getattr(load_target(script), "SUFFIX", "")
+    paths = []
+    for i, (_, _, data, _) in enumerate(inputs):
+        paths.append(os.path.join(folder, f"input-{i}{suffix}"))
+        with open(paths[-1], "wb") as f:
+            f.write(data)
+    results = run_batch(script, paths)
+    by_family = {}
+    for (family, label, _, must_refuse), path in zip(inputs, paths):
+        by_family.setdefault(family, []).append((label, path, must_refuse, results[path]))
+    return by_family
+
+
+def failures(rows):
+    """What is wrong with rows of run_inputs, a line each: a crash, hang or signal; a refusal
+    that does not name the file; an acceptance of an input that must be refused or that the
+    target's `suspicious` flags."""
+    bad = []
+    for label, path, must_refuse, result in rows:
+        outcome = result["outcome"]
+        if outcome == "refused" and path not in result["detail"]:
+            bad.append(f"{label}: the error does not name the file: {result['detail']}")
+        elif outcome == "accepted" and result["suspicious"]:
+            bad.append(f"{label}: silent success: {result['suspicious']}")
+        elif outcome == "accepted" and must_refuse:
+            bad.append(f"{label}: accepted, though no valid file can hold it")
+        elif outcome not in ("refused", "accepted"):
+            bad.append(f"{label}: {outcome}: {result['detail']}")
+    return bad
 
 
 def _lines(fd):

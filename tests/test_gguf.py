@@ -6,12 +6,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import relative_error
-from gguf import GGMLQuantizationType, GGUFWriter, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from tinykern import Q4Linear, Q8Linear
 from tinykern.formats import q4k, q8_0
 from tinykern.io import GGUFTensor, read_gguf, write_gguf
 from tinykern.io.gguf import dense_tensor
+
+
+def write_with_gguf(path, tensors, setup=None):
+    """A file written by the `gguf` package itself: `tensors` as (name, array, raw_dtype or
+    None), after `setup(writer)` (metadata, alignment) when given."""
+    writer = GGUFWriter(str(path), "llama")
+    if setup is not None:
+        setup(writer)
+    for name, array, raw_dtype in tensors:
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def as_bytes(t):
@@ -104,13 +118,7 @@ def test_file_written_by_gguf_package_loads_into_q4linear(gen, tmp_path):
         blocks = q4k.quantize(w).numpy()
     bias = torch.randn(24, generator=gen)
     path = tmp_path / "external.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("blk.0.ffn_up.weight", blocks, raw_dtype=GGMLQuantizationType.Q4_K)
-    writer.add_tensor("blk.0.ffn_up.bias", bias.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_with_gguf(path, [("blk.0.ffn_up.weight", blocks, GGMLQuantizationType.Q4_K), ("blk.0.ffn_up.bias", bias.numpy(), None)])
 
     back = {t.name: t for t in read_gguf(path)}
     t = back["blk.0.ffn_up.weight"]
@@ -127,12 +135,7 @@ def test_q8_0_written_by_gguf_package_loads_into_q8linear(gen, tmp_path):
     w = torch.randn(10, 320, generator=gen).numpy()
     blocks = quants.quantize(w, GGMLQuantizationType.Q8_0)
     path = tmp_path / "q8.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("w", blocks, raw_dtype=GGMLQuantizationType.Q8_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_with_gguf(path, [("w", blocks, GGMLQuantizationType.Q8_0)])
     (t,) = read_gguf(path)
     module = Q8Linear.from_packed(t.data, t.shape[-1])
     expected = quants.dequantize(blocks, GGMLQuantizationType.Q8_0)
@@ -143,15 +146,10 @@ def test_other_types_come_back_as_raw_bytes(gen, tmp_path):
     w = torch.randn(4, 64, generator=gen).numpy()
     blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
     path = tmp_path / "q4_0.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_tensor("w", blocks, raw_dtype=GGMLQuantizationType.Q4_0)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_with_gguf(path, [("w", blocks, GGMLQuantizationType.Q4_0)])
     (t,) = read_gguf(path)
-    assert t.type == "Q4_0" and t.shape == (4, 64)
-    assert np.array_equal(t.data.numpy().reshape(-1), blocks.reshape(-1))
+    assert t.type == "Q4_0" and t.shape == (4, 64) and t.data.dtype == torch.uint8
+    assert np.array_equal(t.data.numpy(), blocks.reshape(t.data.shape)) and t.data.shape == blocks.shape
 
 
 def test_garbage_file_names_the_file(gen, tmp_path):
@@ -177,3 +175,65 @@ def test_truncated_file_names_the_file(gen, tmp_path):
         cut_path.write_bytes(raw[:cut])
         with pytest.raises(ValueError, match=str(cut_path)):
             list(read_gguf(cut_path))
+
+
+def every_value_type(writer):
+    """Metadata of every GGUF value type, arrays of numbers, of strings and of arrays among them."""
+    for kind, value in [(GGUFValueType.UINT8, 200), (GGUFValueType.INT8, -3), (GGUFValueType.UINT16, 60000),
+                        (GGUFValueType.INT16, -300), (GGUFValueType.UINT32, 70000), (GGUFValueType.INT32, -70000),
+                        (GGUFValueType.FLOAT32, 0.5), (GGUFValueType.BOOL, True), (GGUFValueType.STRING, "text"),
+                        (GGUFValueType.UINT64, 1 << 40), (GGUFValueType.INT64, -(1 << 40)), (GGUFValueType.FLOAT64, 0.25)]:
+        writer.add_key_value(f"test.{kind.name.lower()}", value, kind)
+    writer.add_array("test.floats", [0.5, 1.5, 2.5])
+    writer.add_array("test.words", ["a", "bc", ""])
+    writer.add_array("test.nested", [[1, 2], [3]])
+
+
+def test_metadata_of_every_value_type_is_stepped_over_exactly(gen, tmp_path):
+    """The reader skips metadata by the size of each type: one wrong size misplaces every tensor."""
+    w = torch.randn(3, 5, generator=gen)
+    path = tmp_path / "metadata.gguf"
+    write_with_gguf(path, [("w", w.numpy(), None)], every_value_type)
+    (t,) = read_gguf(path)
+    assert t.name == "w" and torch.equal(t.data, w)
+
+
+@pytest.mark.parametrize("alignment,valid", [(4, False), (8, True), (256, True)])
+def test_alignment_must_be_a_power_of_two_of_at_least_8(alignment, valid, gen, tmp_path):
+    w = torch.randn(2, 3, generator=gen)
+    path = tmp_path / f"aligned-{alignment}.gguf"
+    write_with_gguf(path, [("a", w[0].numpy(), None), ("b", w.numpy(), None)], lambda writer: writer.add_custom_alignment(alignment))
+    if valid:
+        assert torch.equal({t.name: t for t in read_gguf(path)}["b"].data, w)
+    else:
+        with pytest.raises(ValueError, match=rf"{path}: metadata 'general.alignment' must be .* got {alignment}"):
+            read_gguf(path)
+
+
+def test_whole_header_is_checked_before_anything_is_read(gen, tmp_path):
+    """A bad last tensor is refused by read_gguf itself, before the first tensor is yielded; a
+    path that cannot be opened raises OSError at the call too."""
+    path = tmp_path / "model.gguf"
+    write_gguf(path, sample_tensors(gen))
+    raw = bytearray(path.read_bytes())
+    reader = GGUFReader(path)
+    last, offset = reader.tensors[-1].name, reader.tensors[-1].field.parts[-1]
+    at = offset.ctypes.data - reader.data.ctypes.data
+    raw[at:at + 8] = (int(offset[0]) + 1).to_bytes(8, "little")
+    del reader, offset
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=rf"{path}: tensor '{last}'"):
+        read_gguf(path)
+    with pytest.raises(FileNotFoundError):
+        read_gguf(tmp_path / "missing.gguf")
+
+
+def test_last_tensor_needs_no_padding_after_it(gen, tmp_path):
+    """Writers pad after the last tensor, but llama.cpp reads it without: so do we."""
+    tensors = sample_tensors(gen)
+    path = tmp_path / "model.gguf"
+    write_gguf(path, tensors)
+    last = GGUFReader(path).tensors[-1]
+    with open(path, "r+b") as f:
+        f.truncate(int(last.data_offset) + int(last.n_bytes))
+    assert torch.equal(list(read_gguf(path))[-1].data, tensors[-1].data)
