@@ -19,7 +19,7 @@ import torch
 from tinykern import backends
 
 SCRIPT = r"""
-import json, sys
+import contextlib, json, sys
 import torch
 from torch import nn
 from tinykern import Q4Conv2d, Q4Linear, Q8Linear, backends
@@ -34,7 +34,8 @@ for name in sys.argv[1:]:
     torch._dynamo.reset()
     loaded_before = sorted(backends._loaded)
     try:
-        with backends.backend(name):
+        # "env": no backend() context, whatever TINYKERN_BACKEND says.
+        with backends.backend(name) if name != "env" else contextlib.nullcontext():
             compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
             eager = model(x)
         results[name] = {"loaded_before": loaded_before, "max_diff": (compiled - eager).abs().max().item(),
@@ -49,17 +50,32 @@ def runnable_backends():
     return ["auto"] + [b for b in backends.BACKENDS if backends.unavailable_reason(b, "cpu", "q4k_conv2d") is None]
 
 
-def test_compile_cold_on_every_cpu_backend(tmp_path):
-    names = runnable_backends()
-    # The child inherits TRITON_INTERPRET=1 from conftest where there is no GPU.
+def run_cold(tmp_path, names, **env):
+    """Run SCRIPT on `names` in a fresh interpreter; its results by name. The child inherits
+    TRITON_INTERPRET=1 from conftest where there is no GPU."""
     proc = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+                          cwd=tmp_path, env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in names:
         r = results[name]
         assert "error" not in r, f"{name}: {r['error']}"
         assert r["finite"] and r["max_diff"] <= 1e-5, (name, r)
+    return results
+
+
+def test_compile_cold_on_every_cpu_backend(tmp_path, monkeypatch):
+    monkeypatch.delenv("TINYKERN_BACKEND", raising=False)
+    names = runnable_backends()
+    results = run_cold(tmp_path, names)
     if "triton" in names:
         # The case the preload is for: a backend whose kernels nothing had imported yet.
         assert "tinykern.kernels.triton" not in results["triton"]["loaded_before"]
+
+
+def test_compile_cold_with_triton_forced_by_the_environment(tmp_path):
+    # (The other CPU backends are loaded by `import tinykern` whatever the environment says.)
+    reason = backends.unavailable_reason("triton", "cpu", "q4k_conv2d")
+    if reason is not None:
+        pytest.skip(reason)
+    run_cold(tmp_path, ["env"], TINYKERN_BACKEND="triton")

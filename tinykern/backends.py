@@ -85,16 +85,21 @@ def unavailable_reason(name, device_type, op=None):
     return reason
 
 
-def preload(name="auto", device_types=None):
-    """Import the implementations of backend `name` ("auto": of every backend `auto` may pick)
-    that can run on `device_types` (default: CPU, and CUDA when a GPU is present).
+def preload(name=None, device_types=None):
+    """Import the implementations of backend `name` ("auto": of every backend `auto` may pick;
+    None: those and the one forced now, by backend() or TINYKERN_BACKEND) that can run on
+    `device_types` (default: CPU, and CUDA when a GPU is present).
 
     resolve() imports them on first use, but torch.compile cannot trace an import, so whatever
     is compiled before any eager call must find them loaded: backend() calls this on entry,
     the quantized modules on construction and tinykern.ops on import (CPU only: no device
     query at import)."""
     device_types = device_types or (("cpu", "cuda") if torch.cuda.is_available() else ("cpu",))
-    names = {n for t in device_types for n in AUTO_ORDER[t]} if name == "auto" else {name}
+    names = {name} if name not in (None, "auto") else {n for t in device_types for n in AUTO_ORDER[t]}
+    # An unknown TINYKERN_BACKEND is for resolve() to refuse, not for an import or constructor.
+    forced = _forced.get() or os.environ.get("TINYKERN_BACKEND")
+    if name is None and forced in BACKENDS:
+        names.add(forced)
     for n in sorted(names):
         if any(unavailable_reason(n, t) is None for t in device_types):
             _load(n)
