@@ -37,7 +37,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _MIN_ALIGNMENT = 8
 _MAX_DIMS = 4
-_MAX_NESTING = 8
+_MAX_NESTING = 8  # arrays of arrays: writers nest one level, llama.cpp reads none; bounds the recursion
 # struct formats of the fixed-size metadata values
 _SCALARS = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
@@ -45,8 +45,9 @@ _SCALARS = {
     GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d",
 }
 # The fewest bytes a string (its length) and an array (item type and count) take, and so each
-# item of a metadata array of them, each metadata entry (key length, type, a 1-byte value) and
-# each tensor info (name length, n_dims, type, offset).
+# item of a metadata array of them; each metadata entry (key length, type, a 1-byte value); each
+# tensor info (name length, n_dims, one dimension, type, offset). A count is refused when that
+# many of its items cannot fit in the bytes left, before any is read.
 _MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 _MIN_ENTRY_BYTES = 8 + 4 + 1
 _MIN_INFO_BYTES = 8 + 4 + 8 + 4 + 8
@@ -176,7 +177,7 @@ def _read_metadata(cur, n_entries):
         if key == Keys.General.ALIGNMENT:
             if kind != GGUFValueType.UINT32 or value < _MIN_ALIGNMENT or value & (value - 1):
                 raise cur.error(f"metadata {key!r} must be a UINT32 power of two of at least {_MIN_ALIGNMENT}, got "
-                                f"{value!r} of type {kind}")
+                                f"{value!r} of type {GGUFValueType(kind).name}")
             alignment = value
     return alignment
 
