@@ -1,12 +1,15 @@
 """Fuzz target: tinykern.load_quantized on mutated files of save_quantized (conventions in harness.py).
 
-`python fuzz/fuzz_load_quantized.py [libFuzzer args...]`. Each input is loaded into a fresh model
-built on the meta device and into one on the CPU. A refusal must be a ValueError naming the file
-that leaves the model as it was; both models must agree. An accepted file must give the model of
-one of the seeds (`suspicious` says where it differs), since a file that loads into other weights
-or other layers is a silent success.
+`python fuzz/fuzz_load_quantized.py [libFuzzer args...]`. Each input, and a copy whose metadata
+checksum is recomputed (so that mutations of the module specs and tensor records reach the checks
+behind it), is loaded into a fresh model built on the meta device and into one on the CPU. A
+refusal must be a ValueError naming the file that leaves the model as it was; both models must
+agree. An accepted file must give the model of one of the seeds (`suspicious` says where it
+differs), since a file that loads into other weights or other layers is a silent success.
 """
 
+import json
+import struct
 import tempfile
 
 import harness
@@ -15,7 +18,7 @@ with harness.instrumented("tinykern.serialization"):
     import torch
     from torch import nn
 
-    from tinykern import QuantConfig, load_quantized, quantize_, save_quantized
+    from tinykern import QuantConfig, load_quantized, quantize_, save_quantized, serialization
 
 SUFFIX = ".safetensors"
 CONFIG = QuantConfig(overrides={"gate": "q8_0"}, min_features=64)
@@ -82,7 +85,19 @@ def fresh(device):
 
 
 def load(path):
-    """Load `path` into a meta and a CPU model; re-raise the refusal once both refused alike."""
+    """Load `path`, and the same file with its metadata checksum forged, each into a meta and a
+    CPU model; re-raise the refusal of `path` once both models refused it alike."""
+    refusal = _load_into_both(path)
+    other = forged(path)
+    if other is not None and _load_into_both(other) is None:
+        difference = suspicious(other)
+        assert difference is None, f"with its metadata checksum forged: {difference}"
+    if refusal is not None:
+        raise refusal
+
+
+def _load_into_both(path):
+    """The ValueError both models refused `path` with, or None when both accepted it."""
     refusals = []
     for device in ("meta", "cpu"):
         model = fresh(device)
@@ -94,8 +109,31 @@ def load(path):
             assert describe(model) == before, f"a refused load changed the {device} model: {e}"
             refusals.append(e)
     assert len(refusals) in (0, 2), f"refused into one model only: {refusals[0]}"
-    if refusals:
-        raise refusals[0]
+    return refusals[0] if refusals else None
+
+
+def forged(path):
+    """A copy of `path` whose metadata checksum is recomputed, as a forger would (what must then
+    hold is that every spec matches its layer and every tensor fits), or None where there is no
+    metadata to forge or it already matches."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + n])
+        meta = header["__metadata__"]
+        checksum = serialization._metadata_checksum(meta["tinykern.version"], meta["tinykern.modules"],
+                                                    meta["tinykern.tensors"])
+    except (ValueError, struct.error, TypeError, KeyError, RecursionError):  # nothing a forger could fix
+        return None
+    if meta.get("tinykern.checksum") == checksum:
+        return None
+    meta["tinykern.checksum"] = checksum
+    blob = json.dumps(header).encode()
+    other = path + ".forged"
+    with open(other, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+    return other
 
 
 def suspicious(path):

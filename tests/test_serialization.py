@@ -538,3 +538,21 @@ def test_saved_file_reads_as_plain_safetensors(saved):
     state = model.state_dict()
     assert tensors.keys() == state.keys()
     assert all(tensors[k].dtype == v.dtype and torch.equal(tensors[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("where", ["meta", "cpu"])
+def test_layer_shared_by_two_paths_round_trips_as_one_module(where, gen, tmp_path):
+    def shared_model():
+        layer = nn.Linear(256, 64)
+        return nn.Sequential(layer, nn.ReLU(), nn.Linear(64, 256), layer)
+    model = shared_model()
+    quantize_(model, QuantConfig(min_features=64))
+    path = tmp_path / "shared.safetensors"
+    save_quantized(model, path)
+    with torch.device(where):
+        fresh = shared_model()
+    load_quantized(fresh, path)
+    assert type(fresh[0]) is Q4Linear and fresh[0] is fresh[3]
+    x = torch.randn(3, 256, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))

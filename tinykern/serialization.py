@@ -24,7 +24,7 @@ from torch import nn
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
 from tinykern.ops import _conv_padding
-from tinykern.quantize import _replace, quantized_modules
+from tinykern.quantize import _replace
 
 VERSION = "2"  # of the metadata layout; files without it are refused, as they lack the checksums
 _HEADER_LIMIT = 100_000_000  # bytes of header JSON; safetensors refuses a longer one too
@@ -55,7 +55,9 @@ def save_quantized(model, path):
         if value.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, which this writer does not store")
         tensors[key] = value.detach()
-    specs = json.dumps({name: _spec(m) for name, m in quantized_modules(model)}, sort_keys=True)
+    # Every path of a layer shared by several: each path's tensors are in the state_dict.
+    specs = json.dumps({name: _spec(m) for name, m in model.named_modules(remove_duplicate=False) if type(m) in _TYPES.values()},
+                       sort_keys=True)
     records = json.dumps({k: _record(v) for k, v in tensors.items()}, sort_keys=True)
     metadata = {"format": "pt", "tinykern.version": VERSION, "tinykern.modules": specs, "tinykern.tensors": records,
                 "tinykern.checksum": _metadata_checksum(VERSION, specs, records)}
@@ -72,7 +74,11 @@ def load_quantized(model, path, device="cpu", strict=True):
     tensors = _read_tensors(path, device)
     _check_tensors(path, tensors, records)
     layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if name}
-    built = {name: _build(path, name, spec, layers.get(name)) for name, spec in specs.items()}
+    built, shared = {}, {}
+    for name, spec in specs.items():
+        module = _build(path, name, spec, layers.get(name))
+        # A layer reached by several paths stays one module (with one spec for all its paths).
+        built[name] = shared.setdefault((id(layers[name]), json.dumps(spec, sort_keys=True)), module)
     snapshot = _snapshot(model)
     try:
         for name, module in built.items():
