@@ -41,7 +41,7 @@ def campaign(script, seconds, timeout, folder):
         with open(log, "w") as out:
             done = subprocess.run([sys.executable, script, corpus, f"-max_total_time={left}", f"-timeout={timeout}",
                                    f"-artifact_prefix={artifacts}{os.sep}"],
-                                  env={**os.environ, "FUZZ_STATS": stats}, stdout=out, stderr=subprocess.STDOUT)
+                                  env={**os.environ, "FUZZ_STATS": stats, "FUZZ_WORKDIR": folder}, stdout=out, stderr=subprocess.STDOUT)
         if os.path.exists(stats):
             with open(stats) as f:
                 counts = json.load(f)

@@ -20,10 +20,11 @@ Convention for a target, `fuzz/fuzz_<target>.py`:
 * Any other exception is a crash; libFuzzer stops on it and writes the input as `crash-<sha1>`.
   A hang is an input that runs past libFuzzer's `-timeout=` (written as `timeout-<sha1>`).
 
-Counts (inputs tried, refused, accepted, silent successes = accepted inputs that differ from
-every seed, suspicious = silent successes that `suspicious` flags) go to the JSON file named by
-$FUZZ_STATS, at most STATS_EVERY_S old when libFuzzer ends the process. `fuzz/campaign.py` runs the
-targets (`make fuzz`) and prints these counts.
+Each input is written to a file in $FUZZ_WORKDIR (a temporary folder if unset). Counts (inputs
+tried, refused, accepted, silent successes = accepted inputs that differ from every seed,
+suspicious = silent successes that `suspicious` flags) go to the JSON file named by $FUZZ_STATS,
+at most STATS_EVERY_S old when libFuzzer ends the process. `fuzz/campaign.py` runs the targets
+(`make fuzz`) and prints these counts.
 
 Tests run inputs through `run_inputs` (or `run_batch`): one worker process loads files one after
 another and reports each outcome, so a hang (time limit) or a signal is pinned on the input that
@@ -131,7 +132,10 @@ def main(script):
             with open(os.path.join(corpus, f"seed-{i}"), "wb") as f:
                 f.write(seed)
     stats = _Stats(seeds)
-    work = tempfile.mkdtemp(prefix="fuzz-input-")
+    # libFuzzer ends the process without Python's clean-up: the input file goes where the caller
+    # cleans up (campaign.py's folder), or in a temporary folder named here.
+    work = os.environ.get("FUZZ_WORKDIR") or tempfile.mkdtemp(prefix="fuzz-input-")
+    print(f"{script}: corpus {corpus}, each input written to {work}", file=sys.stderr)
     path = os.path.join(work, "input" + getattr(target, "SUFFIX", ""))
 
     def one_input(data):
