@@ -54,9 +54,14 @@ def model_of(dtype):
 def describe(model):
     """What the model's outputs depend on: every module's repr (type and geometry) and every
     tensor's device, dtype, shape and bytes (None on the meta device)."""
-    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
-    return repr(model), {k: (str(t.device), t.dtype, tuple(t.shape), None if t.is_meta else t.detach().cpu().contiguous()
-                             .reshape(-1).view(torch.uint8).numpy().tobytes()) for k, t in tensors.items()}
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)),
+               **dict(model.named_buffers(remove_duplicate=False))}
+    return repr(model), {k: (str(t.device), t.dtype, tuple(t.shape), None if t.is_meta else _bytes(t))
+                         for k, t in tensors.items()}
+
+
+def _bytes(tensor):
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 _SEED_MODELS = []
@@ -146,7 +151,9 @@ def suspicious(path):
     layers, tensors = found
     closest = min(seed_descriptions(), key=lambda seed: sum(seed[1].get(k) != v for k, v in tensors.items()))
     differ = sorted(k for k in tensors.keys() | closest[1].keys() if tensors.get(k) != closest[1].get(k))
-    return f"loaded, but unlike every seed's model: tensors {differ}" if differ else "loaded other layers than any seed's"
+    if not differ:
+        return "loaded other layers than any seed's"
+    return f"loaded, but unlike every seed's model: tensors {differ}"
 
 
 if __name__ == "__main__":

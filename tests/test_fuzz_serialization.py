@@ -85,7 +85,8 @@ def header_mutations(data):
             variant(f"metadata {key} = {value!r}", lambda h, v=value: h["__metadata__"].update({key: v}), must)
     # Left with a stale checksum these must be refused; fuzz_load_quantized.load also loads each
     # with the checksum forged, where the model must come out as a seed's or be refused.
-    for label, edit in spec_edits(json.loads(meta["tinykern.modules"])) + record_edits(json.loads(meta["tinykern.tensors"])):
+    edits = spec_edits(json.loads(meta["tinykern.modules"])) + record_edits(json.loads(meta["tinykern.tensors"]))
+    for label, edit in edits:
         variant(label, lambda h, edit=edit: edit(h["__metadata__"]), True)
     for whole in [[header], None, "x", 1, {}, {"__metadata__": meta}]:
         out.append((f"header = {str(whole)[:40]}", join(whole, rest), True))
@@ -108,20 +109,24 @@ def spec_edits(specs):
         for field, value in spec.items():
             news = pair_variants(value) if isinstance(value, list) else number_variants(value)
             news += [t for t in ("Q4Linear", "Q8Linear", "Q4Conv2d", "Linear") if field == "type" and t != value]
-            news += [t for t in ("float16", "bfloat16", "float32", "int8", "load") if field == "bias_dtype" and t != value]
+            news += [t for t in ("float16", "bfloat16", "float32", "int8", "load")
+                     if field == "bias_dtype" and t != value]
             news += [not value] if isinstance(value, bool) else []
             for new in news + ODD:
                 out.append((f"spec {name}.{field} = {new!r}",
                             edit_json("tinykern.modules", lambda s, n=name, f=field, v=new: s[n].update({f: v}))))
-            out.append((f"spec {name} without {field}", edit_json("tinykern.modules", lambda s, n=name, f=field: s[n].pop(f))))
-        out.append((f"spec {name} with an extra field", edit_json("tinykern.modules", lambda s, n=name: s[n].update(rank=4))))
+            out.append((f"spec {name} without {field}",
+                        edit_json("tinykern.modules", lambda s, n=name, f=field: s[n].pop(f))))
+        out.append((f"spec {name} with an extra field",
+                    edit_json("tinykern.modules", lambda s, n=name: s[n].update(rank=4))))
         for place in ("", "norm", "dw", "out", "nowhere", "proj.", *specs):
             if place != name:
                 out.append((f"spec {name} moved to {place!r}",
                             edit_json("tinykern.modules", lambda s, n=name, p=place: {**s, p: s[n]})))
         out.append((f"spec {name} removed", edit_json("tinykern.modules", lambda s, n=name: s.pop(n))))
     for whole in ([specs], None, "x"):
-        out.append((f"specs = {str(whole)[:40]}", lambda meta, w=whole: meta.update({"tinykern.modules": json.dumps(w)})))
+        out.append((f"specs = {str(whole)[:40]}",
+                    lambda meta, w=whole: meta.update({"tinykern.modules": json.dumps(w)})))
     return out
 
 
@@ -134,15 +139,19 @@ def record_edits(records):
                 out.append((f"record {key} dtype {dtype}",
                             edit_json("tinykern.tensors", lambda r, k=key, d=dtype: r[k].update(dtype=d))))
         for shape in (record["shape"][::-1], [*record["shape"], 1], "x"):
-            out.append((f"record {key} shape {shape}", edit_json("tinykern.tensors", lambda r, k=key, s=shape: r[k].update(shape=s))))
-        out.append((f"record {key} crc32 + 1", edit_json("tinykern.tensors", lambda r, k=key: r[k].update(crc32=r[k]["crc32"] + 1))))
+            out.append((f"record {key} shape {shape}",
+                        edit_json("tinykern.tensors", lambda r, k=key, s=shape: r[k].update(shape=s))))
+        out.append((f"record {key} crc32 + 1",
+                    edit_json("tinykern.tensors", lambda r, k=key: r[k].update(crc32=r[k]["crc32"] + 1))))
         out.append((f"record {key} removed", edit_json("tinykern.tensors", lambda r, k=key: r.pop(k))))
     return out
 
 
-def mutations(name, data, fields):
-    """[(family, label, data, must_refuse)] of one seed file."""
-    out = [("field", f"{name}: {label}", mutated, must) for label, mutated, must in header_mutations(data)] if fields else []
+def mutations(name, data, with_fields):
+    """[(family, label, data, must_refuse)] of one seed file; its header fields changed one by one
+    only `with_fields` (the seeds share their layout)."""
+    fields = header_mutations(data) if with_fields else []
+    out = [("field", f"{name}: {label}", mutated, must) for label, mutated, must in fields]
     for k in range(TRUNCATIONS):
         cut = len(data) * k // TRUNCATIONS
         out.append(("truncation", f"{name}: cut at {cut} of {len(data)}", data[:cut], True))
@@ -161,7 +170,7 @@ def outcomes(tmp_path_factory):
     """{family: [(label, path, must_refuse, outcome)]}: every input through one batch."""
     folder = tmp_path_factory.mktemp("fuzz_load_quantized")
     seeds = dict(zip(("float32", "float16"), target.seeds()))
-    inputs = [item for i, (name, data) in enumerate(seeds.items()) for item in mutations(name, data, fields=i == 0)]
+    inputs = [item for i, (name, data) in enumerate(seeds.items()) for item in mutations(name, data, with_fields=i == 0)]
     half, rest = split(seeds["float16"])
     inputs += [("field", f"float16: {key} dtype BF16", join({**half, key: {**entry, "dtype": "BF16"}}, rest), True)
                for key, entry in half.items() if key != "__metadata__" and entry["dtype"] == "F16"]

@@ -45,8 +45,8 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
 def save_quantized(model, path):
     """Write `model` (after quantize_) to the safetensors file `path`. The file at `path` is at
     every moment either the previous one or the whole new one: the data goes to a temporary file
-    beside it (removed on failure, or by the next save if this process is killed), which replaces
-    it once synced. A new file gets the mode open(path, "w") would give it."""
+    beside it (removed on failure; if the process is killed, by the next save to `path`), which
+    replaces it once synced. The file gets the mode open(path, "w") would give it."""
     path = os.fspath(path)
     tensors = {}
     for key, value in model.state_dict().items():
@@ -55,9 +55,9 @@ def save_quantized(model, path):
         if value.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, which this writer does not store")
         tensors[key] = value.detach()
-    # Every path of a layer shared by several: each path's tensors are in the state_dict.
-    specs = json.dumps({name: _spec(m) for name, m in model.named_modules(remove_duplicate=False) if type(m) in _TYPES.values()},
-                       sort_keys=True)
+    # Every path to a layer shared by several, as the state_dict holds its tensors under each.
+    quantized = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if type(m) in _TYPES.values()]
+    specs = json.dumps({name: _spec(m) for name, m in quantized}, sort_keys=True)
     records = json.dumps({k: _record(v) for k, v in tensors.items()}, sort_keys=True)
     metadata = {"format": "pt", "tinykern.version": VERSION, "tinykern.modules": specs, "tinykern.tensors": records,
                 "tinykern.checksum": _metadata_checksum(VERSION, specs, records)}
@@ -77,7 +77,7 @@ def load_quantized(model, path, device="cpu", strict=True):
     built, shared = {}, {}
     for name, spec in specs.items():
         module = _build(path, name, spec, layers.get(name))
-        # A layer reached by several paths stays one module (with one spec for all its paths).
+        # A layer reached by several paths with the same spec stays one module.
         built[name] = shared.setdefault((id(layers[name]), json.dumps(spec, sort_keys=True)), module)
     snapshot = _snapshot(model)
     try:
@@ -193,7 +193,8 @@ def _read_header(path):
             if length > size - 8:
                 raise ValueError(f"{path}: truncated safetensors header ({length} bytes announced, {size - 8} present)")
             if length > _HEADER_LIMIT:
-                raise ValueError(f"{path}: a safetensors header of {length} bytes is over the {_HEADER_LIMIT}-byte limit")
+                raise ValueError(f"{path}: a safetensors header of {length} bytes is over the "
+                                 f"{_HEADER_LIMIT}-byte limit")
             header = json.loads(f.read(length).decode("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
@@ -320,7 +321,8 @@ def _misfit(expected, tensors, strict, built):
         want = expected[key]
         if value.shape != want.shape:
             wrong.append(f"{key}: file {list(value.shape)} vs model {list(want.shape)}")
-        elif value.dtype != want.dtype and (key.startswith(quantized) or not (value.is_floating_point() and want.is_floating_point())):
+        elif value.dtype != want.dtype and (key.startswith(quantized)
+                                            or not (value.is_floating_point() and want.is_floating_point())):
             wrong.append(f"{key}: file {value.dtype} vs model {want.dtype}")
     if strict:
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
