@@ -175,36 +175,13 @@ def outcomes(tmp_path_factory):
     inputs += [("field", f"float16: {key} dtype BF16", join({**half, key: {**entry, "dtype": "BF16"}}, rest), True)
                for key, entry in half.items() if key != "__metadata__" and entry["dtype"] == "F16"]
     inputs += [("seed", name, data, False) for name, data in seeds.items()]
-    paths = []
-    for i, (_, _, data, _) in enumerate(inputs):
-        paths.append(folder / f"input-{i}.safetensors")
-        paths[-1].write_bytes(data)
-    results = harness.run_batch(str(FUZZ / "fuzz_load_quantized.py"), [str(p) for p in paths])
-    by_family = {}
-    for (family, label, _, must_refuse), path in zip(inputs, paths):
-        by_family.setdefault(family, []).append((label, path, must_refuse, results[str(path)]))
-    return by_family
-
-
-def failures(rows):
-    bad = []
-    for label, path, must_refuse, result in rows:
-        outcome = result["outcome"]
-        if outcome == "refused" and str(path) not in result["detail"]:
-            bad.append(f"{label}: the error does not name the file: {result['detail']}")
-        elif outcome == "accepted" and result["suspicious"]:
-            bad.append(f"{label}: silent success: {result['suspicious']}")
-        elif outcome == "accepted" and must_refuse:
-            bad.append(f"{label}: accepted, though every effect of this change is a damage")
-        elif outcome not in ("refused", "accepted"):
-            bad.append(f"{label}: {outcome}: {result['detail']}")
-    return bad
+    return harness.run_inputs(str(FUZZ / "fuzz_load_quantized.py"), str(folder), inputs)
 
 
 @pytest.mark.parametrize("family", ["field", "truncation", "flip"])
 def test_mutated_files_are_refused_or_load_a_seed_model(family, outcomes):
     rows = outcomes[family]
-    bad = failures(rows)
+    bad = harness.failures(rows)
     assert not bad, f"{len(bad)} of {len(rows)} inputs:\n" + "\n".join(bad[:20])
     refused = sum(result["outcome"] == "refused" for *_, result in rows)
     assert refused, f"no {family} mutation was refused: the mutations do not reach the loader"
