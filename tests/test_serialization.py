@@ -6,8 +6,10 @@ import json
 import os
 import stat
 import struct
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -511,13 +513,16 @@ def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(gen, 
     save_quantized(model, path)
     original = path.read_bytes()
     child = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, child.kill)  # a child that never writes fails the test, never hangs it
+    watchdog.start()
     try:
         assert child.stdout.readline() == "writing\n"
     finally:
+        watchdog.cancel()
         child.kill()
         child.wait()
     orphans = [p.name for p in tmp_path.iterdir() if p != path]
-    assert len(orphans) == 1 and orphans[0].startswith(f".{path.name}.{child.pid}-"), orphans
+    assert len(orphans) == 1 and orphans[0].startswith(f".{path.name}.{socket.gethostname()}.{child.pid}-"), orphans
     assert path.read_bytes() == original
     save_quantized(model, path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == original
@@ -563,3 +568,19 @@ def test_layer_shared_by_two_paths_round_trips_as_one_module(where, gen, tmp_pat
     x = torch.randn(3, 256, generator=gen)
     with torch.no_grad():
         assert torch.equal(model(x), fresh(x))
+
+
+def test_save_removes_only_its_own_dead_temps(gen, tmp_path):
+    path = tmp_path / "model.safetensors"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid now names no process
+    prefix = f".{path.name}.{socket.gethostname()}."
+    names = {"dead": f"{prefix}{gone.pid}-0123abcd.tinykern-tmp",
+             "alive": f"{prefix}{os.getpid()}-0123abcd.tinykern-tmp",  # a save in progress
+             "other host": f".{path.name}.elsewhere.{gone.pid}-0123abcd.tinykern-tmp",
+             "other file": f".{path.name}.notes"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    save_quantized(make_quantized(gen), path)
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {path.name} | set(names.values()) - {names["dead"]}

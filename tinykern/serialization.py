@@ -14,6 +14,7 @@ import os
 import re
 import reprlib
 import secrets
+import socket
 import stat
 import struct
 import zlib
@@ -133,8 +134,10 @@ def _write_safetensors(f, tensors, metadata):
 
 def _write_atomically(path, write):
     folder, name = os.path.split(os.path.abspath(path))
-    _remove_stale_temps(folder, name)
-    temp = os.path.join(folder, f".{name}.{os.getpid()}-{secrets.token_hex(4)}{_TEMP_SUFFIX}")
+    # Named by host and process: only this host can tell whether the process is gone.
+    prefix = f".{name}.{socket.gethostname()}."
+    _remove_stale_temps(folder, prefix)
+    temp = os.path.join(folder, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}{_TEMP_SUFFIX}")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask, as open(path, "w")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -156,9 +159,9 @@ def _write_atomically(path, write):
             os.close(fd)
 
 
-def _remove_stale_temps(folder, name):
-    """Delete the temporary files of saves to `name` whose process is gone (killed mid-write)."""
-    pattern = re.compile(re.escape(f".{name}.") + r"(\d+)-[0-9a-f]{8}" + re.escape(_TEMP_SUFFIX))
+def _remove_stale_temps(folder, prefix):
+    """Delete the temporary files named `prefix`<pid>-... whose process is gone (killed mid-write)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}" + re.escape(_TEMP_SUFFIX))
     for entry in os.listdir(folder):
         match = pattern.fullmatch(entry)
         if match and not _alive(int(match[1])):
