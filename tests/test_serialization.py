@@ -584,3 +584,34 @@ def test_save_removes_only_its_own_dead_temps(gen, tmp_path):
     save_quantized(make_quantized(gen), path)
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {path.name} | set(names.values()) - {names["dead"]}
+
+
+DETACHED = """
+import sys
+import torch
+from tinykern import load_quantized
+sys.path.insert(0, sys.argv[2])
+from test_serialization import Net
+
+path = sys.argv[1]
+with torch.device("meta"):
+    model = Net()
+load_quantized(model, path)
+before = {k: v.clone() for k, v in model.state_dict().items()}
+with open(path, "r+b") as f:  # rewritten in place, then cut: neither may reach the loaded model
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(0)
+    f.write(bytes(size))
+with open(path, "r+b") as f:
+    f.truncate(0)
+after = model.state_dict()
+print(all(torch.equal(after[k], v) for k, v in before.items()))
+"""
+
+
+def test_loaded_model_is_detached_from_its_file(saved):
+    _, path = saved
+    done = subprocess.run([sys.executable, "-c", DETACHED, str(path), os.path.dirname(__file__)],
+                          capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (0, "True\n"), done.stderr[-2000:]

@@ -10,6 +10,7 @@ every spec must repeat the geometry of the layer it replaces and every tensor mu
 
 import contextlib
 import json
+import math
 import os
 import re
 import reprlib
@@ -20,7 +21,6 @@ import struct
 import zlib
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
@@ -41,6 +41,7 @@ _BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 
 
 def save_quantized(model, path):
@@ -71,15 +72,21 @@ def load_quantized(model, path, device="cpu", strict=True):
     Raises ValueError naming the file (and the tensor or module) if the file is truncated,
     altered or does not fit `model`; the model is then left exactly as it was."""
     path = os.fspath(path)
-    specs, records = _read_metadata(path, _read_header(path))
-    tensors = _read_tensors(path, device)
-    _check_tensors(path, tensors, records)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: cannot load onto device {device!r} ({e})") from e
+    metadata, entries, start = _read_header(path)
+    specs, records = _read_metadata(path, metadata)
+    _check_entries(path, entries, records)
+    tensors = _read_tensors(path, entries, start, records)
     layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if name}
     built, shared = {}, {}
     for name, spec in specs.items():
         module = _build(path, name, spec, layers.get(name))
         # A layer reached by several paths with the same spec stays one module.
         built[name] = shared.setdefault((id(layers[name]), json.dumps(spec, sort_keys=True)), module)
+    tensors = {key: value.to(device) for key, value in tensors.items()}
     snapshot = _snapshot(model)
     try:
         for name, module in built.items():
@@ -184,8 +191,9 @@ def _alive(pid):
 
 
 def _read_header(path):
-    """The header's metadata, once the header is known to be a safetensors header whose tensors
-    all lie inside the file (naming the first one a truncation cuts)."""
+    """(metadata, {key: (dtype, shape, begin, end)}, where the data starts), once the header is a
+    safetensors header whose tensors tile the data after it (naming the first tensor a truncation
+    cuts)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -206,17 +214,38 @@ def _read_header(path):
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise ValueError(f"{path}: the safetensors __metadata__ is not a map of strings")
-    spans = []
-    for key, info in header.items():
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o, 0) for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise ValueError(f"{path}: tensor {key!r} has malformed data_offsets {reprlib.repr(offsets)}")
-        spans.append((offsets[1], key))
-    for end, key in sorted(spans):
-        if 8 + length + end > size:
+    entries = {key: _entry(path, key, info) for key, info in header.items()}
+    start = 8 + length
+    for end, key in sorted((end, key) for key, (*_, end) in entries.items()):
+        if start + end > size:
             raise ValueError(f"{path}: tensor {key!r} is truncated (the file ends at byte {size})")
-    return metadata
+    position = 0  # safetensors' rule: the tensors follow one another, with nothing between or after
+    for begin, end, key in sorted((begin, end, key) for key, (_, _, begin, end) in entries.items()):
+        if begin != position:
+            raise ValueError(f"{path}: tensor {key!r} starts at data byte {begin}, where byte {position} was due")
+        position = end
+    if start + position != size:
+        raise ValueError(f"{path}: {size - start - position} bytes after the last tensor")
+    return metadata, entries, start
+
+
+def _entry(path, key, info):
+    """(dtype, shape, begin, end) of the header entry `info`, once it is well formed."""
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict):
+        raise ValueError(f"{where}: header entry {reprlib.repr(info)} is not an object")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o, 0) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise ValueError(f"{where} has malformed data_offsets {reprlib.repr(offsets)}")
+    if not (isinstance(shape, list) and all(_is_int(n, 0) for n in shape)):
+        raise ValueError(f"{where} has malformed shape {reprlib.repr(shape)}")
+    if not (isinstance(dtype, str) and dtype in _TORCH_DTYPES):
+        raise ValueError(f"{where} has dtype {reprlib.repr(dtype)}; tinykern files hold {sorted(_TORCH_DTYPES)}")
+    nbytes = math.prod(shape) * _TORCH_DTYPES[dtype].itemsize
+    if nbytes != offsets[1] - offsets[0]:
+        raise ValueError(f"{where}: {dtype} {shape} is {nbytes} bytes, but its data_offsets span {offsets[1] - offsets[0]}")
+    return _TORCH_DTYPES[dtype], shape, *offsets
 
 
 def _read_metadata(path, metadata):
@@ -247,26 +276,38 @@ def _read_metadata(path, metadata):
     return specs, records
 
 
-def _read_tensors(path, device):
-    try:
-        with safe_open(path, framework="pt", device=str(device)) as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-
-
-def _check_tensors(path, tensors, records):
-    if tensors.keys() != records.keys():
-        unlisted, missing = sorted(tensors.keys() - records.keys()), sorted(records.keys() - tensors.keys())
+def _check_entries(path, entries, records):
+    """The header lists the tensors the metadata records, each in its recorded dtype and shape."""
+    if entries.keys() != records.keys():
+        unlisted, missing = sorted(entries.keys() - records.keys()), sorted(records.keys() - entries.keys())
         raise ValueError(f"{path}: the file's tensors differ from those its metadata lists (not listed: "
                          f"{reprlib.repr(unlisted)}; missing: {reprlib.repr(missing)}); the file was altered")
-    for key, value in tensors.items():
-        found, saved = (_dtype_name(value.dtype), list(value.shape)), (records[key]["dtype"], records[key]["shape"])
+    for key, (dtype, shape, *_) in entries.items():
+        found, saved = (_dtype_name(dtype), shape), (records[key]["dtype"], records[key]["shape"])
         if found != saved:
             raise ValueError(f"{path}: tensor {key!r} is {found[0]} {found[1]} in the header but was saved as "
                              f"{reprlib.repr(saved[0])} {reprlib.repr(saved[1])}; the file was altered")
-        if _crc32(value) != records[key]["crc32"]:
-            raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
+
+
+def _read_tensors(path, entries, start, records):
+    """Every tensor on the CPU, each checked against its checksum and read into memory of its own:
+    never a view of the file (a memory map), through which a later change to the file would reach
+    the model, and a cut would kill the process with SIGBUS."""
+    tensors = {}
+    try:
+        with open(path, "rb") as f:
+            for key, (dtype, shape, begin, end) in entries.items():
+                data = bytearray(end - begin)
+                f.seek(start + begin)
+                if f.readinto(data) != len(data):
+                    raise ValueError(f"{path}: tensor {key!r} is truncated (the file shrank while it was read)")
+                if zlib.crc32(data) != records[key]["crc32"]:
+                    raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
+                raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+                tensors[key] = raw.view(dtype).reshape(shape)
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable file ({e})") from e
+    return tensors
 
 
 def _build(path, name, spec, layer):
