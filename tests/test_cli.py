@@ -114,3 +114,77 @@ def test_demo(tmp_path):
     assert re.search(rf"backend: (cpu|torch) \(linear\), (cpu|torch) \(conv\); {16 * levels} of {16 * levels} layers quantized",
                      result.stdout)
     assert list(tmp_path.iterdir()) == []
+
+
+def refused(capsys, argv):
+    """The one stderr line with which `tinykern ...` refuses argv (exit code 2)."""
+    from tinykern.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_every_command_with_a_device_refuses_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """Every subcommand of `tinykern --help` that takes --device, before it loads anything."""
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    from tinykern.pipelines.rqvae import generate
+
+    def fail(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the arguments")
+
+    monkeypatch.setattr(generate.Pipeline, "load", fail)
+    commands = {"demo": [], "sd generate": ["--model", tmp_path, "--prompt", "x", "--out", tmp_path / "x.png"],
+                "sd quantize": ["--model", tmp_path, "--out", tmp_path / "q"],
+                "rqvae generate": ["--prompt", "x", "--out", tmp_path / "x.png"],
+                "rqvae demo": ["--out", tmp_path / "x.png"]}
+    for name, argv in commands.items():
+        err = refused(capsys, [*name.split(), *argv, "--device", "cuda"])
+        assert err == f"tinykern {name}: error: --device cuda: no CUDA device is available\n", err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rqvae_commands_refuse_bad_arguments_in_one_line(tmp_path, capsys):
+    images = tmp_path / "images"
+    images.mkdir()
+    PIL = pytest.importorskip("PIL.Image")
+    PIL.new("RGB", (8, 8)).save(images / "lonely.png")
+    cases = [
+        (["rqvae", "generate", "--prompt", "x", "--n", "0", "--out", tmp_path / "g.png"], "--n 0: must be at least 1"),
+        (["rqvae", "generate", "--prompt", "x", "--out", tmp_path / "g.xyz"], "is not an image format"),
+        (["rqvae", "demo", "--out", tmp_path / "missing" / "d.png"], "does not exist"),
+        (["rqvae", "train", "tokenizer", "--data", tmp_path / "nothing", "--out", tmp_path / "run"],
+         "--data .*nothing: does not exist"),
+        (["rqvae", "train", "tokenizer", "--data", images, "--out", tmp_path / "run"], "lonely.png has no caption"),
+        (["rqvae", "train", "generator", "--preset", "standard", "--out", tmp_path / "run"],
+         "needs a standard tokenizer .*tokenizer.safetensors"),
+        (["rqvae", "train", "tokenizer", "--steps", "0", "--out", tmp_path / "run"], "--steps 0: must be at least 1"),
+    ]
+    for argv, message in cases:
+        err = refused(capsys, argv)
+        assert re.match(f"tinykern rqvae {argv[1]}: error: .*{message}", err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_images_are_saved_whole_or_not_at_all(tmp_path):
+    """An image save that fails half-way leaves neither a truncated file nor a temporary one;
+    one that succeeds replaces the old image."""
+    from PIL import Image
+
+    from tinykern.pipelines.cli_checks import save_image
+
+    class Failing:
+        def save(self, f, format):
+            f.write(b"\x89PNG half")
+            raise OSError("disk full")
+
+    path = tmp_path / "x.png"
+    with pytest.raises(OSError, match="disk full"):
+        save_image(Failing(), path)
+    assert list(tmp_path.iterdir()) == []
+    image = Image.new("RGB", (3, 2), (200, 10, 10))
+    save_image(image, path)
+    assert list(tmp_path.iterdir()) == [path] and Image.open(path).getpixel((2, 1)) == (200, 10, 10)

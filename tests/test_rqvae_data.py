@@ -62,6 +62,31 @@ def test_checker_accepts_ground_truth_and_rejects_wrong_prompts(resolution):
         assert not rqdata.check_adherence(image, wrong)["all"], wrong
 
 
+def _with_extra_shape(scene, colour):
+    """The one-shape `scene` plus a small `colour` square in the corner farthest from its shape."""
+    shape = scene["shapes"][0]
+    corner = {"cx": 0.14 if shape["cx"] > 0.5 else 0.86, "cy": 0.14 if shape["cy"] > 0.5 else 0.86}
+    return {**scene, "shapes": [shape, {"colour": colour, "shape": "square", "size": "small", **corner}]}
+
+
+@pytest.mark.parametrize("resolution", [64, 256])
+def test_checker_counts_an_extra_shape_as_a_miss(resolution):
+    """A clean render of a one-shape caption passes; the same image with one more shape, of
+    another colour or of the caption's own, fails on `extra` alone."""
+    ds = rqdata.SyntheticShapes(resolution, seed=2, split="all")
+    scenes = [scene for scene, _ in map(ds.scene, range(60)) if scene["relation"] is None][:6]
+    assert len(scenes) == 6
+    for scene in scenes:
+        caption = rqdata.caption_of(scene)
+        assert rqdata.check_adherence(rqdata.render(scene, resolution), caption)["all"], caption
+        named = scene["shapes"][0]["colour"]
+        other = next(c for c in rqdata.COLOURS if c not in (named, scene["background"]))
+        for colour in (other, named):
+            result = rqdata.check_adherence(rqdata.render(_with_extra_shape(scene, colour), resolution), caption)
+            assert not result["extra"] and not result["all"], (caption, colour)
+            assert result["background"] and result["relation"], (caption, colour)
+
+
 def test_word_tokenizer():
     tok = rqdata.WordTokenizer.default()
     ids = tok(["a small red circle above a blue square on a yellow background", "a zebra"])
@@ -106,17 +131,60 @@ def test_missing_caption_error_names_the_image(tmp_path):
         rqdata.ImageFolderCaptions(tmp_path)
 
 
-def test_missing_caption_file_error(tmp_path):
+def test_folder_with_a_text_file_per_image(tmp_path):
+    """The common captioned-folder layout: img.png + img.txt, in subfolders too; a caption file
+    record, where there is one, wins over the text file."""
+    write_image(tmp_path / "img001.png")
+    (tmp_path / "img001.txt").write_text("a red square\n")
+    (tmp_path / "set2").mkdir()
+    write_image(tmp_path / "set2" / "img002.jpg", (10, 200, 10))
+    (tmp_path / "set2" / "img002.txt").write_text("a green field")
+    ds = rqdata.ImageFolderCaptions(tmp_path, resolution=8)
+    assert [c for _, c in ds.items] == ["a red square", "a green field"]
+    images, _ = ds.batch([0, 1])
+    assert float(images[0, 0].mean()) > 0.7 and float(images[1, 1].mean()) > 0.7
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "set2/img002.jpg", "caption": "from the file"}) + "\n")
+    assert [c for _, c in rqdata.ImageFolderCaptions(tmp_path, resolution=8).items] == ["a red square", "from the file"]
+
+
+def test_image_without_any_caption_names_it(tmp_path):
     write_image(tmp_path / "a.png")
-    with pytest.raises(ValueError, match="no caption file"):
+    with pytest.raises(ValueError, match=r"a.png has no caption: no a.txt beside it"):
+        rqdata.ImageFolderCaptions(tmp_path)
+
+
+def test_empty_or_unreadable_text_caption_names_it(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("  \n")
+    with pytest.raises(ValueError, match=r"caption file .*a.txt is empty"):
+        rqdata.ImageFolderCaptions(tmp_path)
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfe not utf-8 \xff")
+    with pytest.raises(ValueError, match=r"cannot read caption file .*a.txt"):
+        rqdata.ImageFolderCaptions(tmp_path)
+
+
+def test_caption_file_that_is_not_utf8_or_not_records_names_it(tmp_path):
+    write_image(tmp_path / "a.png")
+    (tmp_path / "captions.jsonl").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"cannot read caption file .*captions.jsonl"):
+        rqdata.ImageFolderCaptions(tmp_path)
+    (tmp_path / "captions.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"captions.jsonl line 1 is not a JSON object"):
         rqdata.ImageFolderCaptions(tmp_path)
 
 
 def test_unreadable_image_error_names_the_file(tmp_path):
+    """A file that is no image is refused when the folder is opened; an image whose body is cut
+    short, when it is decoded."""
     write_image(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     (tmp_path / "captions.jsonl").write_text(
         json.dumps({"file": "a.png", "caption": "red"}) + "\n" + json.dumps({"file": "broken.png", "caption": "x"}) + "\n")
+    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+        rqdata.ImageFolderCaptions(tmp_path, resolution=8)
+    write_image(tmp_path / "broken.png", size=(64, 64))
+    whole = (tmp_path / "broken.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(whole[: len(whole) // 2])
     ds = rqdata.ImageFolderCaptions(tmp_path, resolution=8)
     with pytest.raises(ValueError, match="cannot read image .*broken.png"):
         ds.batch([0, 1])

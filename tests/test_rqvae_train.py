@@ -146,3 +146,47 @@ def test_cli_parser():
         ("train", "generator", 5, True, "g.safetensors")
     args = parser.parse_args(["rqvae", "generate", "--prompt", "a red circle", "--n", "2", "--no-quant", "--out", "g.png"])
     assert args.no_quant and args.n == 2 and args.out == "g.png"
+
+
+def test_folder_with_a_text_caption_per_image(tmp_path):
+    root = tmp_path / "images"
+    (root / "part").mkdir(parents=True)
+    for i, (colour, caption) in enumerate(zip([(200, 30, 30), (30, 200, 30)], CAPTIONS)):
+        folder = root / "part" if i else root
+        PIL.new("RGB", (40, 48), colour).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    out = tmp_path / "run"
+    train("tokenizer", data=str(root), out=out, steps=1, batch_size=2, eval_every=1, log=quiet)
+    train("generator", data=str(root), out=out, steps=1, batch_size=2, eval_every=1, log=quiet)
+    _, words = load_generator(out / "generator.safetensors")
+    assert {"red", "square", "green", "circle"} <= set(words.words)
+
+
+def test_evaluation_runs_every_eval_every_steps_only(folder, tmp_path):
+    """The last step is evaluated only when --eval-every divides --steps; it logs its loss."""
+    out = tmp_path / "run"
+    train("tokenizer", data=str(folder), out=out, steps=3, batch_size=2, eval_every=2, log=quiet)
+    logged = [json.loads(line) for line in (out / "tokenizer-metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [2, 3]
+    assert "psnr_l4" in logged[0] and "psnr_l4" not in logged[1] and logged[1]["loss"] > 0
+
+
+@pytest.mark.parametrize("stage", ["refiner", "generator"])
+def test_standard_preset_without_its_tokenizer_is_refused(stage, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=f"the {stage} stage with --preset standard needs a standard tokenizer .*"
+                                         f"{out / 'tokenizer.safetensors'}"):
+        train(stage, out=out, preset="standard", steps=1, log=quiet)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("arguments, message", [
+    ({"steps": 0}, "--steps 0: must be at least 1"), ({"eval_every": 0}, "--eval-every 0: must be at least 1"),
+    ({"batch_size": 0}, "--batch-size 0"), ({"lr": 0.0}, "--lr 0.0: must be above 0"),
+    ({"resolution": 60}, "--resolution 60: must be a positive multiple of"),
+])
+def test_bad_numbers_are_refused_before_anything_is_written(arguments, message, folder, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        train("tokenizer", data=str(folder), out=out, **{"steps": 1, "batch_size": 2, **arguments}, log=quiet)
+    assert not out.exists()

@@ -131,6 +131,13 @@ def at_least(flag, value, minimum):
     return value
 
 
+def positive(flag, value):
+    """Refuse a number that is not above zero (or NaN)."""
+    if value is not None and not value > 0:
+        raise ValueError(f"{flag} {value}: must be above 0")
+    return value
+
+
 def save_image(image, path):
     """Save a PIL image atomically: written beside `path` under a temporary name, then renamed
     over it, so that an interrupted save never leaves a truncated image at `path`."""

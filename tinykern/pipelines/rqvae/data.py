@@ -2,6 +2,7 @@
 with captions, plus the word tokenizer and the automatic prompt-adherence checker."""
 
 import csv
+import io
 import json
 import re
 import zlib
@@ -213,45 +214,70 @@ _CAPTION_KEYS = ("caption", "text", "prompt", "description", "title")
 
 
 class ImageFolderCaptions:
-    """Images in `root` (recursively) with captions from `root/captions.jsonl` or
-    `root/captions.csv` (or metadata.jsonl / metadata.csv): one record per image naming the
-    file relative to root (or by its bare name) and its caption. Extra columns are ignored.
-    Items are (image [3, R, R] in [0, 1] resized and centre-cropped, caption)."""
+    """Images in `root` (recursively) with their captions, from either layout (or both):
+
+    - a caption file in `root`: `captions.jsonl` or `captions.csv` (or metadata.jsonl /
+      metadata.csv), one record per image naming the file relative to root (or by its bare
+      name) and its caption; extra columns are ignored;
+    - a text file beside each image with the image's name: `img001.png` + `img001.txt`.
+
+    A record in the caption file wins over a text file. Items are (image [3, R, R] in [0, 1]
+    resized and centre-cropped, caption). Every error (no images, an image without a caption,
+    an empty caption, an unreadable image or caption file) is a ValueError naming the file."""
+
+    CAPTION_FILES = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
 
     def __init__(self, root, resolution=64):
-        self.root = Path(root)
+        self.root = Path(root).expanduser()
         self.resolution = resolution
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolderCaptions: {self.root} is not a directory")
         images = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise ValueError(f"ImageFolderCaptions: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {self.root}")
-        captions = self._read_captions()
+        found = [self.root / n for n in self.CAPTION_FILES if (self.root / n).is_file()]
+        self.captions_file = found[0] if found else None
+        captions = self._read_captions() if found else {}
         self.items = []
         for path in images:
             rel = path.relative_to(self.root).as_posix()
             caption = captions.get(rel, captions.get(path.name))
             if caption is None:
-                raise ValueError(f"ImageFolderCaptions: image {path} has no caption in {self.captions_file}")
+                caption = self._sidecar_caption(path)
+            _check_image(path)
             self.items.append((path, caption))
 
+    def _sidecar_caption(self, path):
+        text_file = path.with_suffix(".txt")
+        if not text_file.is_file():
+            where = f"no record in {self.captions_file} and " if self.captions_file else ""
+            raise ValueError(f"ImageFolderCaptions: image {path} has no caption: {where}no {text_file.name} beside it "
+                             f"(or a caption file {' / '.join(self.CAPTION_FILES)} in {self.root})")
+        try:
+            caption = text_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"ImageFolderCaptions: cannot read caption file {text_file}: {e}") from None
+        if not caption:
+            raise ValueError(f"ImageFolderCaptions: caption file {text_file} is empty")
+        return caption
+
     def _read_captions(self):
-        names = ("captions.jsonl", "captions.csv", "metadata.jsonl", "metadata.csv")
-        found = [self.root / n for n in names if (self.root / n).is_file()]
-        if not found:
-            raise ValueError(f"ImageFolderCaptions: no caption file in {self.root} (expected one of {', '.join(names)})")
-        self.captions_file = found[0]
+        try:
+            text = self.captions_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"ImageFolderCaptions: cannot read caption file {self.captions_file}: {e}") from None
         if self.captions_file.suffix == ".jsonl":
             rows = []
-            for number, line in enumerate(self.captions_file.read_text(encoding="utf-8").splitlines(), 1):
+            for number, line in enumerate(text.splitlines(), 1):
                 if line.strip():
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as e:
                         raise ValueError(f"ImageFolderCaptions: {self.captions_file} line {number} is not JSON: {e}") from None
+                    if not isinstance(rows[-1], dict):
+                        raise ValueError(f"ImageFolderCaptions: {self.captions_file} line {number} is not a JSON object")
         else:
-            with open(self.captions_file, newline="", encoding="utf-8") as f:
-                rows = list(csv.DictReader(f))
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
         out = {}
         for number, row in enumerate(rows, 1):
             keys = {k.strip().lower(): v for k, v in row.items() if k is not None}
@@ -267,19 +293,36 @@ class ImageFolderCaptions:
         return len(self.items)
 
     def __getitem__(self, index):
-        from PIL import Image
-
         path, caption = self.items[index]
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"ImageFolderCaptions: cannot read image {path}: {e}") from None
+        with _open_image(path) as im:
+            image = _decoded(path, lambda: im.convert("RGB"))
         return _square_tensor(image, self.resolution), caption
 
     def batch(self, indices):
         images, captions = zip(*(self[i % len(self)] for i in indices))
         return torch.stack(images), list(captions)
+
+
+def _decoded(path, read):
+    """read(), with any error from PIL (its own types, OSError, ...) as a ValueError naming the image."""
+    try:
+        return read()
+    except Exception as e:
+        raise ValueError(f"ImageFolderCaptions: cannot read image {path}: {e}") from None
+
+
+def _open_image(path):
+    from PIL import Image
+
+    return _decoded(path, lambda: Image.open(path))
+
+
+def _check_image(path):
+    """Refuse, naming it, a file PIL cannot identify or an image with no pixels (the header
+    only: a truncated body shows when the image is decoded)."""
+    with _open_image(path) as im:
+        if min(im.size) < 1:
+            raise ValueError(f"ImageFolderCaptions: image {path} is {im.size[0]}x{im.size[1]} pixels")
 
 
 def _square_tensor(image, resolution):
@@ -297,7 +340,7 @@ def _square_tensor(image, resolution):
 
 
 def open_dataset(data, resolution, seed=0):
-    """`data` is "synthetic" or an image folder with captions."""
+    """`data` is "synthetic" or an image folder with captions (ImageFolderCaptions)."""
     if data == "synthetic":
         return SyntheticShapes(resolution, seed=seed, split="train")
     return ImageFolderCaptions(data, resolution)
@@ -332,7 +375,8 @@ def check_adherence(image, caption):
     of booleans: background (nearest palette colour of the border), colour (each named colour
     covers enough pixels), shape (the best-overlapping ideal square, circle or triangle inscribed
     in the colour's bounding box), size (bounding-box side, small 0.24 vs large 0.44 of the side), relation
-    (centroids), and all."""
+    (centroids), extra (no solid region of a non-background colour beyond the shapes the caption
+    names: an image with an extra shape is a miss), and all."""
     scene = parse_caption(caption)
     if scene is None:
         raise ValueError(f"check_adherence: not a synthetic-shapes caption: {caption!r}")
@@ -375,8 +419,50 @@ def check_adherence(image, caption):
             # Training layouts separate the centres by at least 0.28 of the side on that axis.
             relation = along >= 0.15 * max(h, w)
     result["relation"] = relation
+    background = int(torch.mode(border).values)
+    named = [names.index(s["colour"]) for s in scene["shapes"]]
+    # Looked for on every step-th pixel (about 64 a side): the smallest shape still spans 15.
+    step = max(1, max(h, w) // 64)
+    coarse = nearest[::step, ::step]
+    result["extra"] = all(len(_solid_regions(coarse == c, max(coarse.shape), min_area / step**2)) <= named.count(c)
+                          for c in range(len(names)) if c != background)
     result["all"] = all(result.values())
     return result
+
+
+def _solid_regions(mask, side, min_area):
+    """The regions of `mask` [H, W] that count as a drawn shape: the parts of the mask eroded by
+    3% of the image side (which removes stray pixels and the thin seams that blurred edges leave
+    between two colours), parts closer than that counting as one, that grown back by as much
+    inside the mask cover min_area pixels."""
+    if int(mask.sum()) < min_area:
+        return []
+    radius = max(1, round(0.03 * side))
+    core = ~_dilated(~mask, radius)
+    return [part for part in _components(core, radius) if int((_dilated(part, radius) & mask).sum()) >= min_area]
+
+
+def _dilated(mask, radius):
+    """Dilation of a bool mask [H, W] by a (2 radius + 1)-pixel square, as two 1-D passes."""
+    return _max_filter(mask.float(), radius) > 0.5
+
+
+def _max_filter(values, radius):
+    m = F.max_pool2d(values[None, None], (1, 2 * radius + 1), 1, (0, radius))
+    return F.max_pool2d(m, (2 * radius + 1, 1), 1, (radius, 0))[0, 0]
+
+
+def _components(mask, radius):
+    """The parts of a bool mask [H, W], those less than `radius` pixels apart joined, one bool
+    mask each: every pixel takes the largest label within `radius` until nothing changes."""
+    h, w = mask.shape
+    keep = mask.float()
+    labels = torch.arange(1, h * w + 1, dtype=torch.float32).reshape(h, w) * keep
+    while True:
+        grown = _max_filter(labels, radius) * keep
+        if torch.equal(grown, labels):
+            return [labels == v for v in labels.unique().tolist() if v > 0]
+        labels = grown
 
 
 def _best_template(box):

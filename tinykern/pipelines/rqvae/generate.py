@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import tinykern
+from tinykern.pipelines.cli_checks import save_image
 from tinykern.pipelines.rqvae.train import WEIGHTS, load_generator, load_refiner, load_tokenizer
 from tinykern.profile import stage
 
@@ -46,7 +47,7 @@ class Pipeline:
         default: the shipped ones); with `quantize` the generator's Linear layers become Q4_K.
         `text_encoder`: the CLIP text model folder of a generator trained over one, when it is
         no longer where training found it."""
-        root = Path(weights) if weights else WEIGHTS
+        root = Path(weights).expanduser() if weights else WEIGHTS
         generator, words = load_generator(root / "generator.safetensors", text_encoder)
         refiner = load_refiner(root / "refiner.safetensors") if (root / "refiner.safetensors").is_file() else None
         pipe = cls(load_tokenizer(root / "tokenizer.safetensors"), refiner, generator, words, device)
@@ -95,8 +96,9 @@ def peak_memory(device):
 
 
 def save_grid(images, path, columns=None, scale=None):
-    """Images [N, 3, H, W] in [0, 1] as one PNG grid, `columns` wide (default up to 8),
-    enlarged by nearest neighbour to at least 128 px per cell."""
+    """Images [N, 3, H, W] in [0, 1] as one image grid (format from `path`'s extension, written
+    atomically), `columns` wide (default up to 8), enlarged by nearest neighbour to at least
+    128 px per cell."""
     from PIL import Image
 
     n, _, h, w = images.shape
@@ -111,5 +113,4 @@ def save_grid(images, path, columns=None, scale=None):
         y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
         grid[:, y:y + h * scale, x:x + w * scale] = big[i]
     data = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).contiguous().numpy()
-    Image.fromarray(data).save(path)
-    return path
+    return save_image(Image.fromarray(data), path)

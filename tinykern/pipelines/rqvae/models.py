@@ -32,6 +32,18 @@ def _norm(c):
     return nn.GroupNorm(min(8, c // 4) or 1, c)
 
 
+def tokenizer_downsample(config):
+    """Image side / code grid side of an RQVAE config: the stem's stride, then a halving per
+    entry of `channels` after the first."""
+    return config.get("stem", 1) * 2 ** (len(config["channels"]) - 1)
+
+
+def refiner_downsample(config):
+    """What the image side must be a multiple of for a Refiner config: a halving per entry of
+    `channels` after the first."""
+    return 2 ** (len(config["channels"]) - 1)
+
+
 class ResBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
@@ -53,7 +65,7 @@ class RQVAE(nn.Module):
         super().__init__()
         self.config = dict(config)
         ch, stem = config["channels"], config.get("stem", 1)
-        self.downsample = stem * 2 ** (len(ch) - 1)
+        self.downsample = tokenizer_downsample(config)
         # stem > 1 patchifies first (a stem x stem stride-stem conv) and ends the decoder with a
         # pixel shuffle: far fewer full-resolution FLOPs, for the CPU-trained shipped model.
         enc = [nn.Conv2d(3, ch[0], stem, stride=stem) if stem > 1 else nn.Conv2d(3, ch[0], 3, padding=1)]

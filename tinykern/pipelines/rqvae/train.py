@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tinykern.pipelines import cli_checks as checks
 from tinykern.pipelines.rqvae import data as rqdata
-from tinykern.pipelines.rqvae.models import PRESETS, RQVAE, Refiner, TokenGenerator, count_parameters
+from tinykern.pipelines.rqvae.models import (PRESETS, RQVAE, Refiner, TokenGenerator, count_parameters, refiner_downsample,
+                                             tokenizer_downsample)
 
 STAGES = ("tokenizer", "refiner", "generator")
 WEIGHTS = Path(__file__).parent / "weights"
@@ -175,9 +177,13 @@ def _progress(total, initial, desc):
 def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, lr=None, preset="shipped",
           resolution=None, tokenizer=None, checkpoint_every=200, eval_every=200, resume=False, seed=0,
           bf16=False, text_tokenizer="word", text_encoder=None, init=None, log=print):
-    """Train one stage and return its final metrics. `tokenizer` is the RQ-VAE checkpoint the
-    refiner and generator stages read (default: `<out>/tokenizer.safetensors` if present, else
-    the shipped one). `bf16` runs the forward passes under bfloat16 autocast (the weights and the
+    """Train one stage and return the last metrics logged. Every `eval_every` steps the held-out
+    evaluation runs and its metrics are logged with the loss; the last step logs its loss, and
+    is evaluated only when `eval_every` divides `steps` (at 256x256 an evaluation costs as much
+    as many training steps). `tokenizer` is the RQ-VAE checkpoint the refiner and generator
+    stages read (default: `<out>/tokenizer.safetensors` if present; else, with the shipped
+    preset only, the shipped one: another preset's stages refuse to run without a tokenizer of
+    their own). Arguments, the tokenizer and the data are checked before `out` is created. `bf16` runs the forward passes under bfloat16 autocast (the weights and the
     optimizer stay fp32; ResidualVQ always quantizes in fp32). `text_tokenizer` (generator):
     "word" (a vocabulary of the training captions' words) or "clip" (CLIP's BPE, 49,408 tokens:
     12.6M embedding parameters at dim 256). `text_encoder` (generator): a folder with a
@@ -185,23 +191,22 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     encoder (implies the CLIP tokenizer). `init`: a trained checkpoint of this stage and
     configuration to start from (fine-tuning: a fresh optimizer and learning-rate schedule;
     `resume` takes precedence when there is a checkpoint to resume)."""
-    if stage not in STAGES:
-        raise ValueError(f"rqvae train: stage must be one of {STAGES}, got {stage!r}")
-    if preset not in PRESETS:
-        raise ValueError(f"rqvae train: preset must be one of {list(PRESETS)}, got {preset!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_arguments(stage, preset, steps, batch_size, lr, checkpoint_every, eval_every, text_tokenizer)
+    out = Path(out).expanduser()
     torch.manual_seed(seed)
     config = PRESETS[preset]
 
     vq = None
     if stage != "tokenizer":
-        tok_path = Path(tokenizer) if tokenizer else (out / "tokenizer.safetensors")
-        vq = load_tokenizer(tok_path if tok_path.is_file() or tokenizer else None)
+        vq = load_tokenizer(_tokenizer_path(stage, preset, out, tokenizer))
         for p in vq.parameters():
             p.requires_grad_(False)
         resolution = vq.config["resolution"]
-    resolution = resolution or config["tokenizer"]["resolution"]
+    else:
+        resolution = resolution or config["tokenizer"]["resolution"]
+        _check_resolution(resolution, config)
+    if data != "synthetic":
+        data = Path(data).expanduser()
     dataset = rqdata.open_dataset(data, resolution, seed=seed)
     heldout = rqdata.SyntheticShapes(resolution, seed=seed + 1, split="heldout") if data == "synthetic" else dataset
     eval_images, eval_captions = heldout.batch(range(64 if data == "synthetic" else min(64, len(dataset))))
@@ -215,18 +220,16 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
         length = config["generator"]["text_length"]
         arch = dict(config["generator"])
         if text_encoder is not None:
-            arch["clip_text_model"] = str(Path(text_encoder).resolve())
+            arch["clip_text_model"] = str(Path(text_encoder).expanduser().resolve())
             text_tokenizer = "clip"
         if text_tokenizer == "clip":
             words = rqdata.ClipBPETokenizer(length)
             extra["text_tokenizer"] = "clip"
-        elif text_tokenizer == "word":
+        else:
             words = rqdata.WordTokenizer.default() if data == "synthetic" else \
                 rqdata.WordTokenizer.from_captions([c for _, c in dataset.items])
             words.max_length = length
             extra.update(text_tokenizer="word", vocab=json.dumps(words.words))
-        else:
-            raise ValueError(f"rqvae train: text_tokenizer must be 'word' or 'clip', got {text_tokenizer!r}")
         books = vq.quantizer.level_codebooks()
         model = TokenGenerator(arch, len(words), vq.grid, books.shape[1], books.shape[0], books.shape[2])
         model.set_codebooks(books)
@@ -243,6 +246,7 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
         start = _resume(last, stage, model, optimizer, extra)
         log(f"rqvae {stage}: resumed from {last} at step {start}")
     elif init:
+        init = Path(init).expanduser()
         _matching(init, stage, model, extra)
         log(f"rqvae {stage}: starting from the weights in {init}")
     elif resume:
@@ -250,6 +254,7 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     log(f"rqvae {stage}: {count_parameters(model):,} parameters, data={data}, resolution={resolution}, "
         f"batch={batch_size}, steps={steps}, lr={lr}")
 
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no folder behind
     metrics_file = open(out / f"{stage}-metrics.jsonl", "a")
     gen = torch.Generator().manual_seed(seed * 7919 + start)
     bar = _progress(steps, start, f"rqvae {stage}")
@@ -274,11 +279,12 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
             bar.update(1)
             bar.set_postfix_str(f"loss={loss.item():.4f}")
             done = step + 1
-            if done % eval_every == 0 or done == steps:
+            evaluate = done % eval_every == 0
+            if evaluate or done == steps:
                 metrics = {"step": done, "loss": loss.item(), **parts, "seconds": round(time.time() - began, 1)}
-                if stage == "tokenizer":
+                if evaluate and stage == "tokenizer":
                     metrics.update(tokenizer_metrics(model, eval_images, eval_captions if data == "synthetic" else None))
-                elif stage == "refiner":
+                elif evaluate and stage == "refiner":
                     metrics.update(refiner_metrics(vq, model, eval_images))
                 metrics_file.write(json.dumps(metrics) + "\n")
                 metrics_file.flush()
@@ -291,6 +297,42 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
         metrics_file.close()
     save_model(out / f"{stage}.safetensors", stage, model.eval(), extra)
     return metrics
+
+
+def _check_arguments(stage, preset, steps, batch_size, lr, checkpoint_every, eval_every, text_tokenizer):
+    if stage not in STAGES:
+        raise ValueError(f"rqvae train: stage must be one of {STAGES}, got {stage!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"rqvae train: preset must be one of {list(PRESETS)}, got {preset!r}")
+    if text_tokenizer not in ("word", "clip"):
+        raise ValueError(f"rqvae train: text_tokenizer must be 'word' or 'clip', got {text_tokenizer!r}")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--checkpoint-every", checkpoint_every),
+                        ("--eval-every", eval_every)):
+        checks.at_least(flag, value, 1)
+    checks.positive("--lr", lr)
+
+
+def _tokenizer_path(stage, preset, out, tokenizer):
+    """The RQ-VAE checkpoint the refiner and generator stages read: `tokenizer`, else
+    OUT/tokenizer.safetensors, else (shipped preset only) the shipped one."""
+    if tokenizer:
+        return Path(tokenizer).expanduser()
+    trained = out / "tokenizer.safetensors"
+    if trained.is_file():
+        return trained
+    if preset != "shipped":
+        raise ValueError(f"the {stage} stage with --preset {preset} needs a {preset} tokenizer and there is no "
+                         f"{trained}: train one first (`tinykern rqvae train tokenizer --preset {preset} --out {out}`) "
+                         f"or pass --tokenizer WEIGHTS")
+    return WEIGHTS / "tokenizer.safetensors"
+
+
+def _check_resolution(resolution, config):
+    """The image side must divide into the tokenizer's code grid and the refiner's levels."""
+    step = math.lcm(tokenizer_downsample(config["tokenizer"]), refiner_downsample(config["refiner"]))
+    if not (isinstance(resolution, int) and resolution > 0 and resolution % step == 0):
+        raise ValueError(f"--resolution {resolution}: must be a positive multiple of {step} "
+                         f"for this preset's tokenizer and refiner")
 
 
 def _step(stage, model, vq, words, images, captions, gen):
