@@ -67,10 +67,13 @@ def save_quantized(model, path):
 
 
 def load_quantized(model, path, device="cpu", strict=True):
-    """Swap in the quantized modules recorded in `path` and fill `model` from it (assigning the
-    file's tensors, so a model built on the meta device never holds a full-precision copy).
-    Raises ValueError naming the file (and the tensor or module) if the file is truncated,
-    altered or does not fit `model`; the model is then left exactly as it was."""
+    """Swap in the quantized modules recorded in `path` and fill `model` from it by assigning the
+    file's tensors (read into memory of their own, then moved to `device`), so that a model built
+    on the meta device never holds a full-precision copy. Each spec must match the Linear or
+    Conv2d it replaces, each tensor the model's in shape and dtype (a floating tensor may come in
+    another floating dtype, which it keeps). Raises ValueError naming the file (and the tensor or
+    module) if the file is truncated, altered, written by an older tinykern or does not fit
+    `model`; the model is then left exactly as it was."""
     path = os.fspath(path)
     try:
         device = torch.device(device)
