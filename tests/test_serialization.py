@@ -9,7 +9,9 @@ import struct
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,11 +286,21 @@ def assert_refused(path, where, match=None):
     return str(info.value)
 
 
+@pytest.fixture(scope="module")
+def quantized():
+    """One quantized Net and its file's bytes for the tests below, which only read them."""
+    model = make_quantized(torch.Generator().manual_seed(4321))
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.safetensors"
+        save_quantized(model, path)
+        return model, path.read_bytes()
+
+
 @pytest.fixture
-def saved(gen, tmp_path):
-    model = make_quantized(gen)
+def saved(quantized, tmp_path):
+    model, data = quantized
     path = tmp_path / "model.safetensors"
-    save_quantized(model, path)
+    path.write_bytes(data)
     return model, path
 
 
