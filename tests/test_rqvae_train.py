@@ -190,3 +190,9 @@ def test_bad_numbers_are_refused_before_anything_is_written(arguments, message, 
     with pytest.raises(ValueError, match=message):
         train("tokenizer", data=str(folder), out=out, **{"steps": 1, "batch_size": 2, **arguments}, log=quiet)
     assert not out.exists()
+
+
+def test_shipped_preset_without_a_tokenizer_reads_the_shipped_one_and_says_so(tmp_path):
+    lines = []
+    train("refiner", out=tmp_path / "run", steps=1, batch_size=2, eval_every=1, log=lines.append)
+    assert any("reading the shipped tokenizer" in line for line in lines), lines

@@ -155,3 +155,18 @@ def test_importing_the_pipeline_prints_no_torchvision_notice(tmp_path):
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 0, result.stderr
     assert "torchvision" not in result.stderr and "still shown" in result.stderr, result.stderr
+
+
+def test_a_failed_quantize_leaves_no_folder(model, tmp_path, monkeypatch):
+    calls = []
+
+    def save_quantized(module, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("the disk filled up")
+        path.write_bytes(b"partial")
+
+    monkeypatch.setattr(loaders, "save_quantized", save_quantized)
+    with pytest.raises(RuntimeError, match="disk filled up"):
+        run("quantize", "--model", model / "model", "--device", "cpu", "--out", tmp_path / "quantized")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []

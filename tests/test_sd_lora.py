@@ -259,3 +259,13 @@ def test_merge_into_q4k_changes_the_loras_effect(gen):
     format_error = relative_error(weight, dense.weight.detach())
     assert 0.5 < errors[True] / (format_error / ratio) < 2, (errors, format_error)
     assert errors[False] < 1e-5 < errors[True] / 1000, errors
+
+
+def test_lora_file_path_expands_the_home_folder(models, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    unet, text_encoder = models
+    save_file(_write(_lora_weights(unet, text_encoder), "kohya", unet.config), tmp_path / "style.safetensors")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    lora = load_lora({"unet": copy.deepcopy(unet), "text_encoder": copy.deepcopy(text_encoder)}, "~/style.safetensors")
+    assert lora.name == "style" and len(lora.branches) == len(UNET_TARGETS) + len(TEXT_TARGETS)

@@ -198,7 +198,10 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
 
     vq = None
     if stage != "tokenizer":
-        vq = load_tokenizer(_tokenizer_path(stage, preset, out, tokenizer))
+        tok_path = _tokenizer_path(stage, preset, out, tokenizer)
+        if tok_path == WEIGHTS / "tokenizer.safetensors":
+            log(f"rqvae {stage}: no {out / 'tokenizer.safetensors'}; reading the shipped tokenizer")
+        vq = load_tokenizer(tok_path)
         for p in vq.parameters():
             p.requires_grad_(False)
         resolution = vq.config["resolution"]
