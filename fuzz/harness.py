@@ -234,6 +234,18 @@ def failures(rows):
     return bad
 
 
+def assert_family(outcomes, family):
+    """Fail naming the inputs of `family` (rows of run_inputs) that break the rules, or when none
+    was refused: then the mutations never reached the checks."""
+    rows = outcomes[family]
+    bad = failures(rows)
+    assert not bad, f"{len(bad)} of {len(rows)} inputs:\n" + "\n".join(bad[:20])
+    assert any(r["outcome"] == "refused" for *_, r in rows), f"no {family} mutation was refused"
+
+
+def assert_seeds_accepted(outcomes):
+    assert [r["outcome"] for *_, r in outcomes["seed"]] == ["accepted"] * len(outcomes["seed"])
+
 def _lines(fd):
     """A reader of whole lines from `fd`: lines(t) yields the next line, or stops after t seconds
     without one (or at the end of the stream)."""
