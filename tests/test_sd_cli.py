@@ -157,16 +157,18 @@ def test_importing_the_pipeline_prints_no_torchvision_notice(tmp_path):
     assert "torchvision" not in result.stderr and "still shown" in result.stderr, result.stderr
 
 
-def test_a_failed_quantize_leaves_no_folder(model, tmp_path, monkeypatch):
-    calls = []
+def test_a_failed_save_leaves_no_folder(tmp_path, monkeypatch):
+    """save_pipeline (what `sd quantize` ends with) writes under a temporary name: a save that
+    fails after its first files leaves nothing behind."""
+    class Component:
+        def save_config(self, folder):
+            (folder / "config.json").write_text("{}")
 
     def save_quantized(module, path):
-        calls.append(path)
-        if len(calls) == 2:
-            raise RuntimeError("the disk filled up")
         path.write_bytes(b"partial")
+        raise RuntimeError("the disk filled up")
 
     monkeypatch.setattr(loaders, "save_quantized", save_quantized)
     with pytest.raises(RuntimeError, match="disk filled up"):
-        run("quantize", "--model", model / "model", "--device", "cpu", "--out", tmp_path / "quantized")
-    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+        loaders.save_pipeline(argparse.Namespace(unet=Component()), tmp_path / "quantized")
+    assert list(tmp_path.iterdir()) == []

@@ -183,8 +183,9 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
     as many training steps). `tokenizer` is the RQ-VAE checkpoint the refiner and generator
     stages read (default: `<out>/tokenizer.safetensors` if present; else, with the shipped
     preset only, the shipped one: another preset's stages refuse to run without a tokenizer of
-    their own). Arguments, the tokenizer and the data are checked before `out` is created. `bf16` runs the forward passes under bfloat16 autocast (the weights and the
-    optimizer stay fp32; ResidualVQ always quantizes in fp32). `text_tokenizer` (generator):
+    their own). Arguments, the tokenizer and the data are checked before `out` is created.
+    `bf16` runs the forward passes under bfloat16 autocast (the weights and the optimizer stay
+    fp32; ResidualVQ always quantizes in fp32). `text_tokenizer` (generator):
     "word" (a vocabulary of the training captions' words) or "clip" (CLIP's BPE, 49,408 tokens:
     12.6M embedding parameters at dim 256). `text_encoder` (generator): a folder with a
     transformers CLIPTextModel to condition on, frozen, instead of the small trainable text
@@ -198,10 +199,7 @@ def train(stage, data="synthetic", out="rqvae-run", steps=1000, batch_size=32, l
 
     vq = None
     if stage != "tokenizer":
-        tok_path = _tokenizer_path(stage, preset, out, tokenizer)
-        if tok_path == WEIGHTS / "tokenizer.safetensors":
-            log(f"rqvae {stage}: no {out / 'tokenizer.safetensors'}; reading the shipped tokenizer")
-        vq = load_tokenizer(tok_path)
+        vq = load_tokenizer(_tokenizer_path(stage, preset, out, tokenizer, log))
         for p in vq.parameters():
             p.requires_grad_(False)
         resolution = vq.config["resolution"]
@@ -315,9 +313,9 @@ def _check_arguments(stage, preset, steps, batch_size, lr, checkpoint_every, eva
     checks.positive("--lr", lr)
 
 
-def _tokenizer_path(stage, preset, out, tokenizer):
+def _tokenizer_path(stage, preset, out, tokenizer, log):
     """The RQ-VAE checkpoint the refiner and generator stages read: `tokenizer`, else
-    OUT/tokenizer.safetensors, else (shipped preset only) the shipped one."""
+    OUT/tokenizer.safetensors, else (shipped preset only, saying so) the shipped one."""
     if tokenizer:
         return Path(tokenizer).expanduser()
     trained = out / "tokenizer.safetensors"
@@ -327,6 +325,7 @@ def _tokenizer_path(stage, preset, out, tokenizer):
         raise ValueError(f"the {stage} stage with --preset {preset} needs a {preset} tokenizer and there is no "
                          f"{trained}: train one first (`tinykern rqvae train tokenizer --preset {preset} --out {out}`) "
                          f"or pass --tokenizer WEIGHTS")
+    log(f"rqvae {stage}: no {trained}; reading the shipped tokenizer")
     return WEIGHTS / "tokenizer.safetensors"
 
 
