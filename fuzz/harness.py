@@ -244,7 +244,10 @@ def assert_family(outcomes, family):
 
 
 def assert_seeds_accepted(outcomes):
-    assert [r["outcome"] for *_, r in outcomes["seed"]] == ["accepted"] * len(outcomes["seed"])
+    """Fail naming each seed (valid by construction) that was not accepted, with what happened."""
+    refused = [f"{label}: {r['outcome']}: {r['detail']}" for label, _, _, r in outcomes["seed"] if r["outcome"] != "accepted"]
+    assert not refused, f"{len(refused)} of {len(outcomes['seed'])} seeds not accepted:\n" + "\n".join(refused)
+
 
 def _lines(fd):
     """A reader of whole lines from `fd`: lines(t) yields the next line, or stops after t seconds

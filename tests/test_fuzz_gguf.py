@@ -1,4 +1,4 @@
-"""A bounded, seeded mutational fuzz of read_gguf, and the hostile files of issue #19 one by one.
+"""A bounded, seeded mutational fuzz of read_gguf, and known hostile files one by one.
 
 Every input runs in a worker process (fuzz/harness.py run_batch) with a time limit, so a hang or
 a signal fails the test and names the input. An input may be refused (ValueError) or accepted;
@@ -104,7 +104,8 @@ def mutations(seed_path):
     return out
 
 
-# The hostile files of issue #19, each built from a seed: (seed, what to change) or a writer.
+# Hostile files, each built from a seed (a header field set to a value no valid file holds) or by a
+# writer; each must be refused naming the file and, where one is to blame, the tensor.
 def _set(label_part, value, seed="plain"):
     def build(seeds):
         path = seeds[seed]
@@ -146,6 +147,7 @@ NAMED = {  # case: (build, how its error must name the tensor, or None)
     "offset-misaligned-33": (_set(SECOND, 33), "'blk.0.q8_0'"),
     "offsets-overlapping": (_set(SECOND, 0), "'blk.0.q8_0'"),
     "dims-shrunk": (_set("tensor 'blk.0.q4k'[3][1]", 1), "'blk.0.q8_0'"),
+    "elements-past-int64": (_set("tensor 'blk.0.empty'[3][0]", 1 << 63), "'blk.0.empty'"),
     "alignment-1": (_written(alignment=1), None),
     "alignment-2": (_written(alignment=2), None),
     "n-dims-5": (_written(shape=(1, 1, 2, 1, 8)), "'w'"),

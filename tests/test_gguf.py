@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import relative_error
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from tinykern import Q4Linear, Q8Linear
 from tinykern.formats import q4k, q8_0
 from tinykern.io import GGUFTensor, read_gguf, write_gguf
 from tinykern.io.gguf import dense_tensor
+from tinykern.serialization import _bytes
 
 
 def write_with_gguf(path, tensors, setup=None):
@@ -26,10 +27,6 @@ def write_with_gguf(path, tensors, setup=None):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def as_bytes(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def sample_tensors(gen):
@@ -55,7 +52,7 @@ def test_round_trip_preserves_types_shapes_and_bytes(gen, tmp_path):
         assert got.type == want.type, want.name
         assert got.shape == want.shape, want.name
         assert got.data.dtype == want.data.dtype and got.data.shape == want.data.shape, want.name
-        assert torch.equal(as_bytes(got.data), as_bytes(want.data)), want.name
+        assert np.array_equal(_bytes(got.data), _bytes(want.data)), want.name
     # The dense types come back as their torch dtypes.
     kinds = {t.type: t.data.dtype for t in back}
     assert kinds["F16"] == torch.float16 and kinds["BF16"] == torch.bfloat16 and kinds["F32"] == torch.float32
@@ -142,14 +139,49 @@ def test_q8_0_written_by_gguf_package_loads_into_q8linear(gen, tmp_path):
     np.testing.assert_array_equal(module.dequantize().numpy().view(np.int32), expected.view(np.int32))
 
 
-def test_other_types_come_back_as_raw_bytes(gen, tmp_path):
-    w = torch.randn(4, 64, generator=gen).numpy()
-    blocks = quants.quantize(w, GGMLQuantizationType.Q4_0)
-    path = tmp_path / "q4_0.gguf"
-    write_with_gguf(path, [("w", blocks, GGMLQuantizationType.Q4_0)])
-    (t,) = read_gguf(path)
-    assert t.type == "Q4_0" and t.shape == (4, 64) and t.data.dtype == torch.uint8
-    assert np.array_equal(t.data.numpy(), blocks.reshape(t.data.shape)) and t.data.shape == blocks.shape
+def _raw(kind, rows, gen):
+    """(array, raw type, logical shape) of `rows` rows of one block of GGML type `kind`, as
+    gguf-py quantizes it or, for a type it cannot quantize, as random bytes: read_gguf reads
+    either as raw bytes."""
+    ggml_type = GGMLQuantizationType[kind]
+    block, block_bytes = GGML_QUANT_SIZES[ggml_type]
+    try:
+        array = quants.quantize(torch.randn(rows, block, generator=gen).numpy(), ggml_type)
+    except NotImplementedError:
+        array = torch.randint(0, 256, (rows, block_bytes), generator=gen, dtype=torch.uint8).numpy()
+    return array, ggml_type, (rows, block)
+
+
+SD_NAME = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn1.to_out.0.weight"
+OTHER_TOOLS = {  # case: (tensors as (name, array, raw type or None, shape read back), writer setup)
+    "scalar": (lambda gen: [("logit_scale", np.array(4.5, np.float32), None, ()),
+                            ("w", np.arange(6, dtype=np.float32).reshape(2, 3), None, (2, 3))], None),
+    "zero-size": (lambda gen: [("a", np.ones(3, np.float16), None, (3,)), ("none", np.zeros((0, 4), np.float32), None, (0, 4)),
+                               ("b", np.arange(5, dtype=np.float32), None, (5,))], None),
+    "name-over-64": (lambda gen: [(SD_NAME, np.arange(4, dtype=np.float32), None, (4,))], None),
+    "alignment-32": (lambda gen: [("a", np.ones(3, np.float32), None, (3,)), ("b", np.full((2, 2), 2, np.float16), None, (2, 2))],
+                     lambda writer: writer.add_custom_alignment(32)),
+    "tokenizer-vocab": (lambda gen: [("w", np.arange(3, dtype=np.float32), None, (3,))],
+                        lambda writer: writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(50_000)])),
+    "q4_0-and-q5_k": (lambda gen: [(kind, *_raw(kind, 3, gen)) for kind in ("Q4_0", "Q5_K")], None),
+}
+
+
+@pytest.mark.parametrize("case", OTHER_TOOLS)
+def test_files_other_tools_write_are_read(case, gen, tmp_path):
+    """What gguf-py (and so llama.cpp's converters) writes and llama.cpp reads: read_gguf gives
+    every tensor with its shape and bytes; dense types as torch tensors, others as raw bytes."""
+    make, setup = OTHER_TOOLS[case]
+    tensors = make(gen)
+    path = tmp_path / f"{case}.gguf"
+    write_with_gguf(path, [(name, array, raw) for name, array, raw, _ in tensors], setup)
+    back = list(read_gguf(path))
+    assert [t.name for t in back] == [name for name, *_ in tensors]
+    for t, (name, array, raw, shape) in zip(back, tensors):
+        assert t.shape == shape and t.data.dtype == (torch.uint8 if raw else torch.from_numpy(array).dtype), name
+        assert t.type == (raw.name if raw else {np.float32: "F32", np.float16: "F16"}[array.dtype.type]), name
+        assert tuple(t.data.shape) == (array.shape if raw else shape), name
+        assert _bytes(t.data).tobytes() == array.tobytes(), name
 
 
 def test_garbage_file_names_the_file(gen, tmp_path):

@@ -1,9 +1,8 @@
 """GGUF tensors in and out. Q4_K and Q8_0 stay packed.
 
-The reader is tinykern's own: it checks a file as llama.cpp's gguf.cpp does before it trusts
-any count, size or offset in it, and reads tensor data with ordinary checked reads (no mmap, so
-a file truncated while it is read is an error, not a SIGBUS). The `gguf` package writes files
-and names the GGML types.
+The reader is tinykern's own: it checks a file before it trusts any count, size or offset in
+it, and reads tensor data with ordinary checked reads (no mmap, so a file truncated while it is
+read is an error, not a SIGBUS). The `gguf` package writes files and names the GGML types.
 
 What a file must be (each rule refused with a ValueError naming the file, and the tensor):
 - magic "GGUF", version 2 or 3, little-endian;
@@ -11,12 +10,18 @@ What a file must be (each rule refused with a ValueError naming the file, and th
   arrays nest at most _MAX_NESTING deep;
 - `general.alignment`, if present, is a UINT32 power of two of at least _MIN_ALIGNMENT (the
   widest scalar, so every dense tensor starts aligned for its dtype; writers use 32);
-- tensor names are unique UTF-8 without NUL; 1 to 4 dimensions, each at least 1; a known GGML
-  type whose block divides the row;
+- tensor names are unique UTF-8 without NUL; 0 to 4 dimensions (0: a scalar), each of any size
+  from 0 (a tensor of no elements has no data); fewer than 2**63 elements and bytes, counting the
+  non-zero dimensions (so that torch and numpy can hold a shape with a 0 in it too); a known
+  GGML type whose block divides the row;
 - the data of tensor i starts at the aligned end of tensor i-1's (so offsets are aligned,
   ordered and never overlap) and lies inside the file.
-"""
 
+These are llama.cpp's gguf.cpp rules with two differences: the alignment must be at least 8,
+as the GGUF spec's "multiple of 8" says, where gguf.cpp also takes 1, 2 and 4; and a tensor name
+may have any length, where gguf.cpp refuses one over 64 bytes (Stable Diffusion's tensor names
+are longer).
+"""
 import dataclasses
 import math
 import os
@@ -37,6 +42,7 @@ _MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _MIN_ALIGNMENT = 8
 _MAX_DIMS = 4
+_MAX_COUNT = 2**63  # elements and bytes: what an int64 (llama.cpp's, torch's and numpy's sizes) holds
 _MAX_NESTING = 8  # arrays of arrays: writers nest one level, llama.cpp reads none; bounds the recursion
 # struct formats of the fixed-size metadata values
 _SCALARS = {
@@ -46,11 +52,11 @@ _SCALARS = {
 }
 # The fewest bytes a string (its length) and an array (item type and count) take, and so each
 # item of a metadata array of them; each metadata entry (key length, type, a 1-byte value); each
-# tensor info (name length, n_dims, one dimension, type, offset). A count is refused when that
-# many of its items cannot fit in the bytes left, before any is read.
+# tensor info (name length, n_dims, no dimension: a scalar, type, offset). A count is refused when
+# that many of its items cannot fit in the bytes left, before any is read.
 _MIN_BYTES = {GGUFValueType.STRING: 8, GGUFValueType.ARRAY: 12}
 _MIN_ENTRY_BYTES = 8 + 4 + 1
-_MIN_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+_MIN_INFO_BYTES = 8 + 4 + 4 + 8
 
 
 @dataclasses.dataclass
@@ -218,8 +224,8 @@ def _read_tensor_info(cur, i, alignment):
     if "\0" in name:
         raise cur.error(f"tensor #{i}: its name {name!r} holds a NUL byte")
     (n_dims,) = cur.unpack("I", what)
-    if not 1 <= n_dims <= _MAX_DIMS:
-        raise cur.error(f"{what} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)")
+    if n_dims > _MAX_DIMS:
+        raise cur.error(f"{what} has {n_dims} dimensions (0 to {_MAX_DIMS} allowed)")
     dims = cur.unpack(f"{n_dims}Q", what)
     type_id, offset = cur.unpack("IQ", what)
     try:
@@ -228,9 +234,12 @@ def _read_tensor_info(cur, i, alignment):
     except (ValueError, KeyError):
         raise cur.error(f"{what} has an unknown GGML type {type_id}") from None
     shape = tuple(reversed(dims))  # GGUF lists dimensions fastest first
-    if min(dims) < 1 or dims[0] % block:
-        raise cur.error(f"{what}: {ggml_type.name} shape {list(shape)} needs dimensions of at least 1 and rows of "
-                        f"whole {block}-element blocks")
+    counted = math.prod(n for n in dims if n)  # a shape holding a 0 must still be one torch and numpy can count
+    if max(counted, counted // block * block_bytes) >= _MAX_COUNT:
+        raise cur.error(f"{what}: {ggml_type.name} shape {list(shape)} has 2**63 or more elements or bytes (counting "
+                        "its non-zero dimensions)")
+    if _row(shape) % block:
+        raise cur.error(f"{what}: {ggml_type.name} shape {list(shape)} needs rows of whole {block}-element blocks")
     if offset % alignment:
         raise cur.error(f"{what}: data offset {offset} is not a multiple of the alignment {alignment}")
     return _TensorInfo(name, ggml_type, shape, offset, math.prod(dims) // block * block_bytes)
@@ -271,10 +280,8 @@ def write_gguf(path, tensors, arch="tinykern"):
         _check_layout(path, t, ggml_type, data)
         if ggml_type in _DENSE:
             data = data.to(_DENSE[ggml_type])
-            if ggml_type == GGMLQuantizationType.BF16:  # numpy has no bf16: hand over its bytes
-                array = data.view(torch.uint8).numpy().reshape(*t.shape[:-1], t.shape[-1] * 2)
-            else:
-                array = data.numpy()
+            # numpy has no bf16: its bits go as int16, which keeps the shape (a scalar's too)
+            array = (data.view(torch.int16) if ggml_type == GGMLQuantizationType.BF16 else data).numpy()
             writer.add_tensor(t.name, array, raw_dtype=ggml_type)
         else:
             writer.add_tensor(t.name, data.numpy(), raw_dtype=ggml_type)
@@ -304,9 +311,15 @@ def _check_layout(path, t, ggml_type, data):
 
 
 def _packed_shape(ggml_type, shape):
-    """The uint8 shape of packed blocks for a tensor of logical `shape`: one row of blocks per row."""
+    """The uint8 shape of packed blocks for a tensor of logical `shape`: one row of blocks per row
+    (a scalar is one row of one element)."""
     block, block_bytes = GGML_QUANT_SIZES[ggml_type]
-    return (*shape[:-1], shape[-1] // block * block_bytes)
+    return (*shape[:-1], _row(shape) // block * block_bytes)
+
+
+def _row(shape):
+    """The elements of a row of `shape` (rows first): a scalar has one."""
+    return shape[-1] if shape else 1
 
 
 def dense_tensor(name, tensor):
