@@ -334,3 +334,15 @@ def test_subclasses_of_linear_and_conv_are_reported_as_skipped():
         r = by_name[name]
         assert r.format == "dense" and r.kind == kind and r.rel_error is None and r.bytes_after == r.bytes_before
         assert r.note.startswith(f"subclass {cls} of nn.{kind}"), r.note
+
+
+def test_lazy_layers_not_yet_initialized_are_reported_as_dense():
+    model = nn.Sequential(nn.Linear(256, 64), nn.LazyLinear(8), nn.LazyConv2d(16, 3))
+    report = quantize_(model, QuantConfig(min_features=64))
+    by_name = rows(report)
+    assert isinstance(model[0], Q4Linear) and type(model[1]) is nn.LazyLinear and type(model[2]) is nn.LazyConv2d
+    for name, kind in (("1", "Linear"), ("2", "Conv2d")):
+        r = by_name[name]
+        assert (r.kind, r.format, r.bytes_before, r.bytes_after, r.rel_error) == (kind, "dense", 0, 0, None), r
+        assert r.note == "lazy, not initialized"
+    assert model[1](model[0](torch.randn(2, 256))).shape == (2, 8)  # the lazy layer still initializes on its first call

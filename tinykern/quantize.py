@@ -5,6 +5,7 @@ import fnmatch
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
 
@@ -101,7 +102,8 @@ def quantize_(model, config=None):
     quantized before any is swapped, so a refused weight or bias (ValueError naming it) leaves
     the model as it was, and a swap that fails puts back the layers already swapped and raises
     ValueError naming the layer. Subclasses of nn.Linear / nn.Conv2d stay dense (their forward
-    may do more than the base class's) and are reported so. On the meta device the modules are
+    may do more than the base class's) and are reported so; a lazy layer not yet initialized
+    (nn.LazyLinear before its first call) is reported as dense with 0 bytes. On the meta device the modules are
     built empty (fill them with load_quantized)."""
     config = config or QuantConfig()
     report = QuantReport()
@@ -115,11 +117,14 @@ def quantize_(model, config=None):
                 swaps.append((name, new[id(module)]))
             continue
         kind = "Conv2d" if isinstance(module, nn.Conv2d) else "Linear"
-        before = module.weight.numel() * module.weight.element_size()
-        if type(module) in (nn.Linear, nn.Conv2d):
+        lazy = is_lazy(module.weight)  # nn.LazyLinear / LazyConv2d before its first call: no weight yet
+        if lazy:
+            fmt, why = None, "lazy, not initialized"
+        elif type(module) in (nn.Linear, nn.Conv2d):
             fmt, why = config.format_for(name, module)
         else:
             fmt, why = None, f"subclass {type(module).__name__} of nn.{kind}: its forward may do more than nn.{kind}'s"
+        before = 0 if lazy else module.weight.numel() * module.weight.element_size()
         if fmt is None:
             new[id(module)] = module
             report.append(LayerReport(name, kind, "dense", before, before, None, why))
