@@ -27,7 +27,8 @@ DTYPES = (torch.float32, torch.float16)  # one seed each: float16 makes F16/BF16
 
 class Net(nn.Module):
     """Every kind of tensor a file holds: Q4Conv2d, Q4Linear and Q8Linear (one without a bias),
-    dense layers left as they are (a depthwise conv, a norm, a short linear)."""
+    dense layers left as they are (a depthwise conv, a norm, a short linear), a buffer of no
+    elements."""
 
     def __init__(self):
         super().__init__()
@@ -37,6 +38,7 @@ class Net(nn.Module):
         self.proj = nn.Linear(64, 8)  # Q4Linear
         self.gate = nn.Linear(64, 4, bias=False)  # Q8Linear
         self.out = nn.Linear(12, 2)  # row 12: dense
+        self.register_buffer("empty", torch.empty(0, 3))
 
 
 def model_of(dtype):
@@ -56,12 +58,8 @@ def describe(model):
     tensor's device, dtype, shape and bytes (None on the meta device)."""
     tensors = {**dict(model.named_parameters(remove_duplicate=False)),
                **dict(model.named_buffers(remove_duplicate=False))}
-    return repr(model), {k: (str(t.device), t.dtype, tuple(t.shape), None if t.is_meta else _bytes(t))
-                         for k, t in tensors.items()}
-
-
-def _bytes(tensor):
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return repr(model), {k: (str(t.device), t.dtype, tuple(t.shape),
+                             None if t.is_meta else serialization._bytes(t).tobytes()) for k, t in tensors.items()}
 
 
 _SEED_MODELS = []

@@ -72,7 +72,11 @@ def header_mutations(data):
                 variant(f"{key} shape {new}", lambda h, s=new: h[key].update(shape=s), True)
         for new in [[end, begin], [begin + 1, end + 1], [begin, end + 1], [begin, end - 1], [0, end - begin],
                     [begin, 2 ** 64], [-1, end], [begin], *ODD]:
-            variant(f"{key} data_offsets {new}", lambda h, o=new: h[key].update(data_offsets=o), True)
+            # a tensor of no bytes moved to the start of the data still tiles it, as safetensors requires
+            variant(f"{key} data_offsets {new}", lambda h, o=new: h[key].update(data_offsets=o), new != [0, 0])
+        if 0 in shape:  # no bytes whatever its other dimensions: changed in the record too, they reach the checks
+            for new in [[*shape, 2 ** 64], [*shape, 2 ** 63], [2 ** 62, 2 ** 62, *shape], [*shape, 2 ** 63 - 1]]:
+                variant(f"{key} shape {new} in the header and the record", reshaped(key, new), True)
         variant(f"{key} without data_offsets", lambda h: h[key].pop("data_offsets"), True)
         variant(f"{key} removed", lambda h: h.pop(key), True)
         variant(f"{key} copied as 'extra'", lambda h: h.update(extra=h[key]), True)
@@ -92,6 +96,14 @@ def header_mutations(data):
         out.append((f"header = {str(whole)[:40]}", join(whole, rest), True))
     out.append(("header nested 100000 deep", struct.pack("<Q", 200000) + b"[" * 100000 + b"]" * 100000 + rest, True))
     return out
+
+
+def reshaped(key, shape):
+    """A header edit that gives tensor `key` `shape` in its header entry and its record alike."""
+    def edit(header):
+        header[key]["shape"] = shape
+        edit_json("tinykern.tensors", lambda records: records[key].update(shape=shape))(header["__metadata__"])
+    return edit
 
 
 def edit_json(key, change):

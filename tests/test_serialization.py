@@ -5,12 +5,13 @@ import io
 import json
 import os
 import stat
-import struct
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -227,7 +228,7 @@ def test_save_writes_only_the_given_path(gen, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Edited files (issue #19): dtypes, shapes and specs are checksummed and checked against the model
+# Edited files: dtypes, shapes and specs are checksummed and checked against the model
 
 
 def rewrite(path, out, edit):
@@ -479,8 +480,86 @@ def test_file_that_misfits_one_dense_tensor_leaves_the_model_as_it_was(misfit, w
     assert_unchanged(model, before)
 
 
+def saved_after(gen, tmp_path, change):
+    """A file save_quantized wrote, consistent in bytes, records and checksums, of the quantized
+    Net after `change(model)`: what a file that passes every checksum can hold."""
+    model = make_quantized(gen)
+    with torch.no_grad():
+        change(model)
+    path = tmp_path / "changed.safetensors"
+    save_quantized(model, path)
+    return path
+
+
+def retyped(name, dtype):
+    def change(model):
+        layer = model.get_submodule(name)
+        layer.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
+    return change
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_quantized_bias_in_a_dtype_its_kernels_refuse_is_refused(dtype, gen, tmp_path):
+    path = saved_after(gen, tmp_path, retyped("proj", dtype))
+    for where in ("meta", "cpu"):
+        assert_refused(path, where, match=r"quantized module 'proj': malformed spec .*'bias_dtype': '" + str(dtype)[6:])
+
+
+@pytest.mark.parametrize("dtype,accepted", [(torch.float16, True), (torch.bfloat16, True), (torch.float64, False),
+                                            (torch.int32, False)])
+def test_dense_tensor_may_come_in_another_of_float16_bfloat16_float32(dtype, accepted, gen, tmp_path):
+    """A dense float32 bias stored in float16 or bfloat16 keeps the file's dtype; in float64 (which
+    the float32 input of the layer's forward would meet) or int32 it is refused."""
+    path = saved_after(gen, tmp_path, retyped("out", dtype))
+    for where in ("meta", "cpu"):
+        if accepted:
+            model = load_quantized(fresh_model(where), path)
+            assert model.out.bias.dtype == dtype and model.out.weight.dtype == torch.float32
+        else:
+            assert_refused(path, where, match=rf"out\.bias: file {dtype} vs model torch\.float32")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantized_bias_holding_nan_or_inf_is_refused(value, gen, tmp_path):
+    path = saved_after(gen, tmp_path, lambda model: model.conv.bias.__setitem__(3, value))
+    for where in ("meta", "cpu"):
+        assert_refused(path, where, match=r"conv\.bias: cannot keep a bias holding NaN or Inf \(1 of 24")
+
+
+@pytest.mark.parametrize("shape", [[0, 2**64], [0, 2**63], [2**62, 2**62, 0], [0, -1]])
+def test_tensor_of_no_elements_with_an_uncountable_shape_is_refused(shape, saved, tmp_path):
+    """A tensor of no elements takes no bytes whatever its other dimensions: they must still make
+    a shape torch can count. Its header entry and record agree and the checksum is forged."""
+    _, path = saved
+
+    def add(head):
+        end = max(info["data_offsets"][1] for key, info in head.items() if key != "__metadata__")
+        head["extra"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+        edit_metadata("tinykern.tensors", lambda records: {**records, "extra": {"dtype": "float32", "shape": shape,
+                                                                                "crc32": 0}}, forge=True)(head)
+    bad = rewrite(path, tmp_path / "uncountable.safetensors", add)
+    for where in ("meta", "cpu"):
+        assert "'extra'" in assert_refused(bad, where, match="malformed shape")
+
+
+# Unusable wherever this runs: a GPU index past the last, and "cuda" itself without a GPU.
+UNUSABLE = [f"cuda:{torch.cuda.device_count()}", *([] if torch.cuda.is_available() else ["cuda"])]
+
+
+@pytest.mark.parametrize("device", UNUSABLE)
+def test_unusable_device_is_refused_before_reading(device, saved):
+    """A ValueError naming the file and the device; the model is left as it was."""
+    _, path = saved
+    for where in ("meta", "cpu"):
+        model = fresh_model(where)
+        before = fingerprint(model)
+        with pytest.raises(ValueError, match=f"{path}: cannot load onto device '{device}'"):
+            load_quantized(model, path, device=device)
+        assert_unchanged(model, before)
+
+
 # ---------------------------------------------------------------------------------------------
-# Atomic saves (issue #19): the file is the old one or the whole new one, never a part
+# Atomic saves: the file is the old one or the whole new one, never a part
 
 
 def test_save_failing_midway_keeps_the_old_file_and_leaves_nothing(gen, tmp_path, monkeypatch):
@@ -533,9 +612,11 @@ def test_killed_save_keeps_the_old_file_and_the_next_save_removes_its_temp(gen, 
         watchdog.cancel()
         child.kill()
         child.wait()
-    orphans = [p.name for p in tmp_path.iterdir() if p != path]
-    assert len(orphans) == 1 and orphans[0].startswith(f".{path.name}.{socket.gethostname()}.{child.pid}-"), orphans
+    orphans = [p for p in tmp_path.iterdir() if p != path]
+    assert len(orphans) == 1 and orphans[0].name.startswith(f".{path.name}.{socket.gethostname()}.{child.pid}-"), orphans
     assert path.read_bytes() == original
+    old = time.time() - 11 * 60  # a dead save's temp is removed once 10 minutes old
+    os.utime(orphans[0], (old, old))
     save_quantized(model, path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == original
 
@@ -582,20 +663,40 @@ def test_layer_shared_by_two_paths_round_trips_as_one_module(where, gen, tmp_pat
         assert torch.equal(model(x), fresh(x))
 
 
-def test_save_removes_only_its_own_dead_temps(gen, tmp_path):
+def test_save_removes_only_its_own_dead_and_old_temps(gen, tmp_path):
+    """Removed: a temp of this host whose process is gone, last written over 10 minutes ago. Kept:
+    a recent one (a save in another PID namespace on a host of the same name looks dead from
+    here), one whose process lives, another host's, another file."""
     path = tmp_path / "model.safetensors"
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # its pid now names no process
     prefix = f".{path.name}.{socket.gethostname()}."
     names = {"dead": f"{prefix}{gone.pid}-0123abcd.tinykern-tmp",
+             "dead, recent": f"{prefix}{gone.pid}-4567abcd.tinykern-tmp",
              "alive": f"{prefix}{os.getpid()}-0123abcd.tinykern-tmp",  # a save in progress
              "other host": f".{path.name}.elsewhere.{gone.pid}-0123abcd.tinykern-tmp",
              "other file": f".{path.name}.notes"}
-    for name in names.values():
+    old = time.time() - 11 * 60
+    for label, name in names.items():
         (tmp_path / name).write_bytes(b"partial")
+        if label != "dead, recent":
+            os.utime(tmp_path / name, (old, old))
     save_quantized(make_quantized(gen), path)
     left = {p.name for p in tmp_path.iterdir()}
     assert left == {path.name} | set(names.values()) - {names["dead"]}
+
+
+def test_save_through_a_symlink_writes_the_file_it_names(gen, tmp_path):
+    real = tmp_path / "store" / "model.safetensors"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(real)
+    model = make_quantized(gen)
+    save_quantized(model, link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert torch.equal(load_quantized(Net(), link).proj.qweight, model.proj.qweight)
+    assert sorted(p.name for p in real.parent.iterdir()) == [real.name]
 
 
 DETACHED = """

@@ -18,18 +18,23 @@ import secrets
 import socket
 import stat
 import struct
+import time
+import typing
 import zlib
 
 import torch
 from torch import nn
 
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.nn.linear import BIAS_DTYPES, check_bias
 from tinykern.ops import _conv_padding
 from tinykern.quantize import _replace
 
 VERSION = "2"  # of the metadata layout; files without it are refused, as they lack the checksums
 _HEADER_LIMIT = 100_000_000  # bytes of header JSON; safetensors refuses a longer one too
 _TEMP_SUFFIX = ".tinykern-tmp"
+_STALE_AFTER_S = 600  # a dead save's temp is removed once this old (by mtime): see _remove_stale_temps
+_MAX_COUNT = 2**63  # elements of a shape: what torch's int64 sizes hold
 
 _TYPES = {cls.__name__: cls for cls in (Q4Linear, Q8Linear, Q4Conv2d)}
 _REPLACES = {Q4Linear: (nn.Linear, Q4Linear, Q8Linear), Q8Linear: (nn.Linear, Q4Linear, Q8Linear),
@@ -37,11 +42,21 @@ _REPLACES = {Q4Linear: (nn.Linear, Q4Linear, Q8Linear), Q8Linear: (nn.Linear, Q4
 _LINEAR_ARGS = ("in_features", "out_features")
 _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _PAIRS = ("kernel_size", "stride", "padding", "dilation")
-_BIAS_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                        torch.uint8: "U8", torch.bool: "BOOL"}
 _TORCH_DTYPES = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+# The dtypes a dense floating tensor may come in for one of these in the model, which it keeps.
+_INTERCHANGEABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class _Entry(typing.NamedTuple):
+    """A tensor's entry in the safetensors header: its data is bytes begin:end after the header."""
+
+    dtype: torch.dtype
+    shape: list
+    begin: int
+    end: int
 
 
 def save_quantized(model, path):
@@ -70,15 +85,15 @@ def load_quantized(model, path, device="cpu", strict=True):
     """Swap in the quantized modules recorded in `path` and fill `model` from it by assigning the
     file's tensors (read into memory of their own, then moved to `device`), so that a model built
     on the meta device never holds a full-precision copy. Each spec must match the Linear or
-    Conv2d it replaces, each tensor the model's in shape and dtype (a floating tensor may come in
-    another floating dtype, which it keeps). Raises ValueError naming the file (and the tensor or
-    module) if the file is truncated, altered, written by an older tinykern or does not fit
-    `model`; the model is then left exactly as it was."""
+    Conv2d it replaces, with a bias in a dtype its kernels take (nn.linear.BIAS_DTYPES) holding
+    no NaN or Inf; each tensor must match the model's in shape and dtype, except that a dense
+    float16, bfloat16 or float32 tensor may come in another of these three dtypes, which it
+    keeps (an SD folder stores float16 weights for a model built in float32 on meta). Raises
+    ValueError naming the file (and the tensor or module) if `device` is not usable here, or if
+    the file is truncated, altered, written by an older tinykern or does not fit `model`; the
+    model is then left exactly as it was."""
     path = os.fspath(path)
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: cannot load onto device {device!r} ({e})") from e
+    device = _usable_device(path, device)
     metadata, entries, start = _read_header(path)
     specs, records = _read_metadata(path, metadata)
     _check_entries(path, entries, records)
@@ -89,7 +104,15 @@ def load_quantized(model, path, device="cpu", strict=True):
         module = _build(path, name, spec, layers.get(name))
         # A layer reached by several paths with the same spec stays one module.
         built[name] = shared.setdefault((id(layers[name]), json.dumps(spec, sort_keys=True)), module)
-    tensors = {key: value.to(device) for key, value in tensors.items()}
+    for name in built:
+        try:
+            check_bias(tensors.get(f"{name}.bias"), name)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    try:
+        tensors = {key: value.to(device) for key, value in tensors.items()}
+    except RuntimeError as e:  # out of memory on the device, among others
+        raise ValueError(f"{path}: cannot move its tensors onto {device} ({e})") from e
     snapshot = _snapshot(model)
     try:
         for name, module in built.items():
@@ -105,6 +128,17 @@ def load_quantized(model, path, device="cpu", strict=True):
         _restore(snapshot)
         raise
     return model
+
+
+def _usable_device(path, device):
+    """`device` as a torch.device, once a tensor can be made there (a CUDA device asked of a
+    machine without one, or a device index past the last, is refused before anything is read)."""
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, AssertionError) as e:  # torch not built for it raises AssertionError
+        raise ValueError(f"{path}: cannot load onto device {str(device)!r} ({e})") from e
+    return device
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +177,8 @@ def _write_safetensors(f, tensors, metadata):
 
 
 def _write_atomically(path, write):
-    folder, name = os.path.split(os.path.abspath(path))
+    # Through a symbolic link to the file it names, as open(path, "w") writes: the link stays.
+    folder, name = os.path.split(os.path.realpath(path))
     # Named by host and process: only this host can tell whether the process is gone.
     prefix = f".{name}.{socket.gethostname()}."
     _remove_stale_temps(folder, prefix)
@@ -154,9 +189,10 @@ def _write_atomically(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        target = os.path.join(folder, name)
         with contextlib.suppress(FileNotFoundError):  # open(path, "w") keeps an existing file's mode
-            os.chmod(temp, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(temp, path)
+            os.chmod(temp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(temp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
@@ -170,13 +206,18 @@ def _write_atomically(path, write):
 
 
 def _remove_stale_temps(folder, prefix):
-    """Delete the temporary files named `prefix`<pid>-... whose process is gone (killed mid-write)."""
+    """Delete the temporary files named `prefix`<pid>-... (this host's) of a save killed mid-write:
+    those whose process is gone and that were last written over _STALE_AFTER_S ago. The age
+    covers containers that share a host name but not a PID namespace: a save in progress in
+    another one looks dead from here, but is writing its file now."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}" + re.escape(_TEMP_SUFFIX))
     for entry in os.listdir(folder):
         match = pattern.fullmatch(entry)
         if match and not _alive(int(match[1])):
+            temp = os.path.join(folder, entry)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, entry))
+                if time.time() - os.stat(temp).st_mtime > _STALE_AFTER_S:
+                    os.unlink(temp)
 
 
 def _alive(pid):
@@ -194,7 +235,7 @@ def _alive(pid):
 
 
 def _read_header(path):
-    """(metadata, {key: (dtype, shape, begin, end)}, where the data starts), once the header is a
+    """(metadata, {key: _Entry}, where the data starts), once the header is a
     safetensors header whose tensors tile the data after it (naming the first tensor a truncation
     cuts)."""
     try:
@@ -219,11 +260,11 @@ def _read_header(path):
         raise ValueError(f"{path}: the safetensors __metadata__ is not a map of strings")
     entries = {key: _entry(path, key, info) for key, info in header.items()}
     start = 8 + length
-    for end, key in sorted((end, key) for key, (*_, end) in entries.items()):
+    for end, key in sorted((e.end, key) for key, e in entries.items()):
         if start + end > size:
             raise ValueError(f"{path}: tensor {key!r} is truncated (the file ends at byte {size})")
     position = 0  # safetensors' rule: the tensors follow one another, with nothing between or after
-    for begin, end, key in sorted((begin, end, key) for key, (_, _, begin, end) in entries.items()):
+    for begin, end, key in sorted((e.begin, e.end, key) for key, e in entries.items()):
         if begin != position:
             raise ValueError(f"{path}: tensor {key!r} starts at data byte {begin}, where byte {position} was due")
         position = end
@@ -233,7 +274,7 @@ def _read_header(path):
 
 
 def _entry(path, key, info):
-    """(dtype, shape, begin, end) of the header entry `info`, once it is well formed."""
+    """The _Entry of the header entry `info`, once it is well formed."""
     where = f"{path}: tensor {key!r}"
     if not isinstance(info, dict):
         raise ValueError(f"{where}: header entry {reprlib.repr(info)} is not an object")
@@ -241,14 +282,15 @@ def _entry(path, key, info):
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o, 0) for o in offsets)
             and offsets[0] <= offsets[1]):
         raise ValueError(f"{where} has malformed data_offsets {reprlib.repr(offsets)}")
-    if not (isinstance(shape, list) and all(_is_int(n, 0) for n in shape)):
-        raise ValueError(f"{where} has malformed shape {reprlib.repr(shape)}")
+    if not _is_shape(shape):
+        raise ValueError(f"{where} has malformed shape {reprlib.repr(shape)} (a list of sizes from 0, fewer than 2**63 "
+                         "elements counting the non-zero ones)")
     if not (isinstance(dtype, str) and dtype in _TORCH_DTYPES):
         raise ValueError(f"{where} has dtype {reprlib.repr(dtype)}; tinykern files hold {sorted(_TORCH_DTYPES)}")
     nbytes = math.prod(shape) * _TORCH_DTYPES[dtype].itemsize
     if nbytes != offsets[1] - offsets[0]:
         raise ValueError(f"{where}: {dtype} {shape} is {nbytes} bytes, but its data_offsets span {offsets[1] - offsets[0]}")
-    return _TORCH_DTYPES[dtype], shape, *offsets
+    return _Entry(_TORCH_DTYPES[dtype], shape, *offsets)
 
 
 def _read_metadata(path, metadata):
@@ -273,8 +315,7 @@ def _read_metadata(path, metadata):
         raise ValueError(f"{path}: malformed tinykern metadata (module specs and tensor records must be JSON objects)")
     for key, record in records.items():
         if not (isinstance(record, dict) and record.keys() == {"dtype", "shape", "crc32"}
-                and isinstance(record["dtype"], str) and isinstance(record["shape"], list)
-                and all(_is_int(n, 0) for n in record["shape"]) and _is_int(record["crc32"], 0)):
+                and isinstance(record["dtype"], str) and _is_shape(record["shape"]) and _is_int(record["crc32"], 0)):
             raise ValueError(f"{path}: malformed tinykern record for tensor {key!r}: {reprlib.repr(record)}")
     return specs, records
 
@@ -285,8 +326,8 @@ def _check_entries(path, entries, records):
         unlisted, missing = sorted(entries.keys() - records.keys()), sorted(records.keys() - entries.keys())
         raise ValueError(f"{path}: the file's tensors differ from those its metadata lists (not listed: "
                          f"{reprlib.repr(unlisted)}; missing: {reprlib.repr(missing)}); the file was altered")
-    for key, (dtype, shape, *_) in entries.items():
-        found, saved = (_dtype_name(dtype), shape), (records[key]["dtype"], records[key]["shape"])
+    for key, entry in entries.items():
+        found, saved = (_dtype_name(entry.dtype), entry.shape), (records[key]["dtype"], records[key]["shape"])
         if found != saved:
             raise ValueError(f"{path}: tensor {key!r} is {found[0]} {found[1]} in the header but was saved as "
                              f"{reprlib.repr(saved[0])} {reprlib.repr(saved[1])}; the file was altered")
@@ -325,7 +366,7 @@ def _build(path, name, spec, layer):
     if spec.keys() != keys:
         raise ValueError(f"{where}: spec keys {sorted(spec)}, expected {sorted(keys)}")
     if not (all(_is_pair(spec[a], 0 if a == "padding" else 1) if a in _PAIRS else _is_int(spec[a], 1) for a in args)
-            and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPES[0]) in _BIAS_DTYPES):
+            and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPE_NAMES[0]) in _BIAS_DTYPE_NAMES):
         raise ValueError(f"{where}: malformed spec {reprlib.repr(spec)}")
     if type(layer) not in _REPLACES[cls]:
         found = "nothing" if layer is None else f"a {type(layer).__name__}"
@@ -338,7 +379,7 @@ def _build(path, name, spec, layer):
                          + ", ".join(f"{k} {a} in the file vs {b} in the model" for k, (a, b) in differs.items()))
     kwargs = {k: v for k, v in spec.items() if k != "type"}
     if "bias_dtype" in kwargs:
-        kwargs["bias_dtype"] = getattr(torch, kwargs["bias_dtype"])
+        kwargs["bias_dtype"] = BIAS_DTYPES[_BIAS_DTYPE_NAMES.index(kwargs["bias_dtype"])]
     return cls(**kwargs, device="meta")
 
 
@@ -358,8 +399,9 @@ def _geometry(layer):
 
 def _misfit(expected, tensors, strict, built):
     """Why `tensors` cannot be assigned to a model with state_dict `expected`, or None. A dense
-    floating tensor may come in another floating dtype, kept as the file has it (an SD folder
-    stores float16 weights for a model built in float32 on meta); every other dtype must match."""
+    tensor the model holds in one of _INTERCHANGEABLE may come in another of them, kept as the
+    file has it (an SD folder stores float16 weights for a model built in float32 on meta); every
+    other dtype must match."""
     quantized = tuple(f"{name}." for name in built)
     wrong = []
     for key, value in tensors.items():
@@ -368,8 +410,8 @@ def _misfit(expected, tensors, strict, built):
         want = expected[key]
         if value.shape != want.shape:
             wrong.append(f"{key}: file {list(value.shape)} vs model {list(want.shape)}")
-        elif value.dtype != want.dtype and (key.startswith(quantized)
-                                            or not (value.is_floating_point() and want.is_floating_point())):
+        elif value.dtype != want.dtype and (key.startswith(quantized) or value.dtype not in _INTERCHANGEABLE
+                                            or want.dtype not in _INTERCHANGEABLE):
             wrong.append(f"{key}: file {value.dtype} vs model {want.dtype}")
     if strict:
         missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
@@ -396,12 +438,22 @@ def _is_int(value, minimum):
     return type(value) is int and value >= minimum
 
 
+def _is_shape(value):
+    """A list of sizes from 0 whose non-zero ones multiply to fewer than 2**63 (so that torch can
+    count the shape, with a 0 in it too)."""
+    return (isinstance(value, list) and all(_is_int(n, 0) for n in value)
+            and math.prod(n for n in value if n) < _MAX_COUNT)
+
+
 def _is_pair(value, minimum):
     return isinstance(value, list) and len(value) == 2 and all(_is_int(v, minimum) for v in value)
 
 
 def _dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
+
+
+_BIAS_DTYPE_NAMES = [_dtype_name(d) for d in BIAS_DTYPES]  # as specs name them
 
 
 def _bytes(tensor):

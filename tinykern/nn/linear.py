@@ -54,7 +54,7 @@ class _BlockLinear(nn.Module):
                 f"{cls.__name__}: packed weight must be uint8 {list(expected)} for in_features={in_features}, "
                 f"got {qweight.dtype} {list(qweight.shape)}"
             )
-        if bias is not None and (bias.dtype not in _BIAS_DTYPES or tuple(bias.shape) != expected[:1]):
+        if bias is not None and (bias.dtype not in BIAS_DTYPES or tuple(bias.shape) != expected[:1]):
             raise ValueError(f"{cls.__name__}: bias must be float32 or float16 [{expected[0]}], "
                              f"got {bias.dtype} {list(bias.shape)}")
         module.qweight = qweight
@@ -91,12 +91,12 @@ class Q8Linear(_BlockLinear):
     _matmul = staticmethod(ops.q8_0_matmul)
 
 
-_BIAS_DTYPES = (torch.float32, torch.float16)
+BIAS_DTYPES = (torch.float32, torch.float16)  # the bias dtypes the quantized modules' kernels take
 
 
 def _bias_dtype(bias):
     # Biases stay in fp16 or fp32 as they came; bf16 and others become fp32.
-    return bias.dtype if bias is not None and bias.dtype in _BIAS_DTYPES else torch.float32
+    return bias.dtype if bias is not None and bias.dtype in BIAS_DTYPES else torch.float32
 
 
 def check_bias(bias, name):
