@@ -16,6 +16,10 @@ TORCH_LIBRARY(tinykern, m) {
   // K <= nb*256: weight columns past K are row padding and never meet x.
   m.def("q4k_matmul(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   // blocks [..., nb*34] uint8 -> [..., nb*32] of dtype
+  // x float32 [..., K] -> blocks uint8 [..., K/256*144]: GGML's reference quantizer, byte for byte
+  m.def("q4k_quantize(Tensor x) -> Tensor");
+  // x float32 [..., K] -> blocks uint8 [..., K/32*34]
+  m.def("q8_0_quantize(Tensor x) -> Tensor");
   m.def("q8_0_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   m.def("q8_0_matmul(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   // x [N, D], codebooks [L, K, D] float32 -> (codes [N, L] int64, quantized [N, D] float32)

@@ -25,6 +25,17 @@ def float32_in_range(w, name, fmt, low, high):
     return x
 
 
+def native_quantize(op, x):
+    """x quantized by the compiled op `op` of tinykern._C (a port of GGML's reference quantizer,
+    byte for byte), or None where it does not run: x off the CPU, _C not built, or a backend
+    other than "cpu" forced (`with tinykern.backend("torch")` gives the torch quantizer)."""
+    from tinykern import _ext, backends
+
+    if x.device.type != "cpu" or not _ext.available() or backends.current() not in ("auto", "cpu"):
+        return None
+    return getattr(torch.ops.tinykern, op)(x.contiguous())
+
+
 def round_to_fp16(x):
     """x rounded to the nearest fp16, back in float32 (how the formats store scales)."""
     return x.to(torch.float16).float()

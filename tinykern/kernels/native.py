@@ -40,7 +40,16 @@ def _register_fakes():
     def matmul_fake(x, w, bias):
         return x.new_empty((x.shape[0], w.shape[0]))
 
+    def quantize_fake(fmt):
+        weights, nbytes = _BLOCKS[fmt]
+
+        def fake(x):
+            return x.new_empty((*x.shape[:-1], x.shape[-1] // weights * nbytes), dtype=torch.uint8)
+
+        return fake
+
     for fmt in _BLOCKS:
+        torch.library.register_fake(f"tinykern::{fmt}_quantize")(quantize_fake(fmt))
         torch.library.register_fake(f"tinykern::{fmt}_dequantize")(dequantize_fake(fmt))
         torch.library.register_fake(f"tinykern::{fmt}_matmul")(matmul_fake)
 
