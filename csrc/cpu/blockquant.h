@@ -1,6 +1,6 @@
 // What the CPU kernels of the block formats (Q4_K, Q8_0) share: fp16 reads, AVX2 store and sum
-// helpers, and the matmul driver that picks between on-the-fly decoding (small M) and tiles of
-// dequantized rows fed to the BLAS (large M).
+// helpers, and the matmul driver that picks between on-the-fly decoding (small M), a bf16 GEMM
+// on AMX and tiles of dequantized rows fed to the BLAS (large M).
 #pragma once
 
 // First, so that this is the first inclusion of the intrinsics headers in the TU.
@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -138,19 +140,27 @@ at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int6
   return out;
 }
 
-// The q*_matmul op: checks, fp32 activations zero-padded to whole blocks (the kernels never read
-// x past K), Format::gemv for M < Format::kTileMinRows, tiles of dequantized rows above, then
-// bias in fp32 and the cast to x.dtype.
+// The q*_matmul op, by rows of x. Below Format::kTileMinRows: fp32 x zero-padded to whole
+// blocks (the kernels never read x past K) into Format::gemv. Above, unless `exact`, where the
+// CPU has AMX-BF16 (has_amx_bf16()): the weight dequantized to bf16 as a whole, then one oneDNN
+// bf16 GEMM (fp32 accumulation, bias added and the result rounded in bf16, cast to x.dtype);
+// otherwise tiles of fp32 dequantized rows on the BLAS with the bias added in fp32.
 template <class Format>
 at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w,
-                        const c10::optional<at::Tensor>& bias) {
+                        const c10::optional<at::Tensor>& bias, bool exact) {
   const MatmulShape s = check_matmul(op, Format::kBlock, Format::kBlockBytes, x, w, bias, c10::DeviceType::CPU);
   const at::Tensor wc = w.contiguous();
-  const int64_t kp = s.nb * Format::kBlock;
-  at::Tensor x32 = at::zeros({s.m, kp}, x.options().dtype(at::kFloat));
+  const bool wide = s.m >= Format::kTileMinRows && s.nb > 0;
+  if (wide && !exact && has_amx_bf16()) {
+    const at::Tensor wt = block_dequantize<Format>(op, wc, at::kBFloat16).narrow(1, 0, s.k).t();
+    const at::Tensor xb = x.to(at::kBFloat16);
+    const at::Tensor out = bias.has_value() ? at::addmm(bias->to(at::kBFloat16), xb, wt) : at::mm(xb, wt);
+    return out.to(x.scalar_type());
+  }
+  at::Tensor x32 = at::zeros({s.m, s.nb * Format::kBlock}, x.options().dtype(at::kFloat));
   x32.narrow(1, 0, s.k).copy_(x);
   at::Tensor out;
-  if (s.m < Format::kTileMinRows || s.nb == 0) {
+  if (!wide) {
     out = at::empty({s.m, s.n}, x32.options());
     Format::gemv(x32.data_ptr<float>(), s.m, wc.data_ptr<uint8_t>(), s.n, s.nb, out.data_ptr<float>());
   } else {
