@@ -37,7 +37,7 @@ def _register_fakes():
 
         return fake
 
-    def matmul_fake(x, w, bias):
+    def matmul_fake(x, w, bias, exact=True):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     def quantize_fake(fmt):
@@ -63,11 +63,23 @@ def _register_fakes():
         return codebooks.new_empty((codes.shape[0], codebooks.shape[2]))
 
 
+def _exact_from_context(op):
+    """The matmul op with its `exact` flag taken from tinykern.backend(..., exact=...)."""
+
+    def matmul(x, w, bias):
+        return op(x, w, bias, backends.exact())
+
+    return matmul
+
+
 def _register():
     _register_fakes()
     for op in NATIVE_OPS:
+        impl = getattr(torch.ops.tinykern, op)
+        if op.endswith("_matmul"):
+            impl = _exact_from_context(impl)
         for backend in ("cpu", "cuda"):
-            backends.register(op, backend)(getattr(torch.ops.tinykern, op))
+            backends.register(op, backend)(impl)
     # Both composites handle any groups, so they serve the grouped op too.
     for op in ("q4k_conv2d", "q4k_conv2d_grouped"):
         backends.register(op, "cpu")(q4k_conv2d)
