@@ -14,8 +14,8 @@ TORCH_LIBRARY(tinykern, m) {
   m.def("q4k_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   // x [M, K] @ dequant(w [N, nb*144]).T (+ bias [N]) -> [M, N] in x.dtype.
   // K <= nb*256: weight columns past K are row padding and never meet x.
-  // exact=False lets the CPU kernels round x and the weight to bf16 for M >= 14 on AMX
-  // (fp32 accumulation); exact=True keeps every product in fp32.
+  // exact=False lets the CPU kernels round x, the weight, bias and output to bf16 for M >= 256
+  // on AMX (fp32 accumulation); exact=True keeps every product in fp32.
   m.def("q4k_matmul(Tensor x, Tensor w, Tensor? bias, bool exact=True) -> Tensor");
   // blocks [..., nb*34] uint8 -> [..., nb*32] of dtype
   // x float32 [..., K] -> blocks uint8 [..., K/256*144]: GGML's reference quantizer, byte for byte

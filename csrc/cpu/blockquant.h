@@ -170,18 +170,23 @@ at::Tensor bf16_matmul(const at::Tensor& xb, const uint8_t* w, int64_t n, int64_
   return out;
 }
 
+// From this many rows of x, bf16_matmul beats tiled_matmul: below, decoding the whole weight to
+// bf16 and converting x and out cost more than the bf16 GEMM saves over fp32.
+constexpr int64_t kBf16MinRows = 256;
+
 // The q*_matmul op, by rows of x. Below Format::kTileMinRows: fp32 x zero-padded to whole
-// blocks (the kernels never read x past K) into Format::gemv. Above: bf16_matmul where the CPU
-// has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit mantissa bf16 would
-// cut to 8): x, the weight and the bias rounded to bf16, fp32 accumulation, the output rounded
-// to bf16. Otherwise tiled_matmul in fp32 with the bias added after. Then the cast to x.dtype.
+// blocks (the kernels never read x past K) into Format::gemv. From kBf16MinRows: bf16_matmul
+// where the CPU has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit
+// mantissa bf16 would cut to 8): x, the weight and the bias rounded to bf16, fp32 accumulation,
+// the output rounded to bf16. Otherwise tiled_matmul in fp32 with the bias added after. Then
+// the cast to x.dtype.
 template <class Format>
 at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias, bool exact) {
   const MatmulShape s = check_matmul(op, Format::kBlock, Format::kBlockBytes, x, w, bias, c10::DeviceType::CPU);
   const at::Tensor wc = w.contiguous();
   const bool wide = s.m >= Format::kTileMinRows && s.nb > 0;
-  if (wide && !exact && x.scalar_type() != at::kHalf && has_amx_bf16()) {
+  if (s.m >= kBf16MinRows && s.nb > 0 && !exact && x.scalar_type() != at::kHalf && has_amx_bf16()) {
     const c10::optional<at::Tensor> bias16 =
         bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kBFloat16)) : c10::nullopt;
     return bf16_matmul<Format>(x.to(at::kBFloat16), wc.data_ptr<uint8_t>(), s.n, s.nb, bias16).to(x.scalar_type());

@@ -251,26 +251,39 @@ TK_INLINE void q8_0_quantize_lanes(const float* x, int64_t b0, int64_t b1, uint8
   }
 }
 
-// One record per format: block geometry, how many blocks a task takes, and the quantizer at
-// each SIMD width: 8 lanes with AVX2, 4 in the baseline ISA. Wider vectors than the registers
-// (16 lanes in ymm or zmm) spill the search's 4x32 vectors and run slower.
-using QuantizeRange = void (*)(const float*, int64_t, int64_t, uint8_t*);
-
+// One record per format: block geometry, how many blocks a task takes, its quantizer for L lanes.
 struct Q4KQuant {
   static constexpr int64_t kBlock = 256, kBlockBytes = 144, kGrain = 64;
-#if defined(__x86_64__)
-  static TK_AVX2 void avx2(const float* x, int64_t b0, int64_t b1, uint8_t* out) { q4k_quantize_lanes<8>(x, b0, b1, out); }
-#endif
-  static void baseline(const float* x, int64_t b0, int64_t b1, uint8_t* out) { q4k_quantize_lanes<4>(x, b0, b1, out); }
+  template <int L>
+  static TK_INLINE void run(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+    q4k_quantize_lanes<L>(x, b0, b1, out);
+  }
 };
 
 struct Q8_0Quant {
   static constexpr int64_t kBlock = 32, kBlockBytes = 34, kGrain = 2048;
-#if defined(__x86_64__)
-  static TK_AVX2 void avx2(const float* x, int64_t b0, int64_t b1, uint8_t* out) { q8_0_quantize_lanes<8>(x, b0, b1, out); }
-#endif
-  static void baseline(const float* x, int64_t b0, int64_t b1, uint8_t* out) { q8_0_quantize_lanes<4>(x, b0, b1, out); }
+  template <int L>
+  static TK_INLINE void run(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+    q8_0_quantize_lanes<L>(x, b0, b1, out);
+  }
 };
+
+// A format's quantizer at each SIMD width: 8 lanes with AVX2, 4 in the baseline ISA. Vectors
+// wider than the registers (16 lanes in ymm or zmm) spill the search's 4x32 vectors and run
+// slower.
+using QuantizeRange = void (*)(const float*, int64_t, int64_t, uint8_t*);
+
+#if defined(__x86_64__)
+template <class Format>
+TK_AVX2 void quantize_avx2(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+  Format::template run<8>(x, b0, b1, out);
+}
+#endif
+
+template <class Format>
+void quantize_baseline(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+  Format::template run<4>(x, b0, b1, out);
+}
 
 // x float32 [..., K] (K a multiple of the block; finite and within the format's range, which the
 // Python front checks) -> blocks uint8 [..., K/block*bytes], blocks split across the threads.
@@ -285,9 +298,9 @@ at::Tensor block_quantize(const char* op, const at::Tensor& x) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = sizes.back() / Format::kBlock * Format::kBlockBytes;
   at::Tensor out = at::empty(sizes, x.options().dtype(at::kByte));
-  QuantizeRange fn = Format::baseline;
+  QuantizeRange fn = quantize_baseline<Format>;
 #if defined(__x86_64__)
-  if (has_avx2_fma()) fn = Format::avx2;
+  if (has_avx2_fma()) fn = quantize_avx2<Format>;
 #endif
   const float* src = xc.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();

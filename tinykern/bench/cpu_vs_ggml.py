@@ -52,7 +52,7 @@ def timed_rounds(fns, rounds):
 
 def summary(seconds):
     s = sorted(seconds)
-    q = statistics.quantiles(s, n=5) if len(s) >= 2 else [s[0]] * 4
+    q = statistics.quantiles(s, n=5, method="inclusive") if len(s) >= 2 else [s[0]] * 4
     return {"median": statistics.median(s), "p20": q[0], "p80": q[3], "runs": len(s)}
 
 
@@ -154,7 +154,7 @@ def markdown(res):
                   f"time: {u['seconds']:.1f} s, {u['weights_per_s'] / 1e6:.1f} M weights/s (target: 859.5 M in 45 s)."]
     impls = ["tinykern", "tinykern exact", "tinykern bf16 x", "ggml", "ggml repacked", "dense fp32", "dense bf16"]
     lines += ["", "## Q4_K matmul", "",
-              "`tinykern`: `ops.q4k_matmul` on the cpu backend, fp32 x (the default: bf16 on AMX from 14 rows); "
+              "`tinykern`: `ops.q4k_matmul` on the cpu backend, fp32 x (the default: bf16 on AMX from 256 rows); "
               "`exact`: `backend('cpu', exact=True)`; `bf16 x`: bf16 x in and out; ggml: its CPU backend "
               "(activations quantized to Q8_K), plain or repacked weights; dense: `F.linear` on the dequantized "
               "weight. Ratios are speedups of `tinykern` (fp32 x; `bf16 x` for the bf16 ratio) over each.", "",
