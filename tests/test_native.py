@@ -355,11 +355,11 @@ def test_registered_for_the_native_backend(device, gen):
         kwargs = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=groups)
         with forced("q4k_conv2d", "torch", device):
             expected = ops.q4k_conv2d(*args, **kwargs)
-        with forced("q4k_conv2d", backend, device):
+        with forced("q4k_conv2d", backend, device, exact=True):
             got = ops.q4k_conv2d(*args, **kwargs)
         assert got.shape == expected.shape and got.is_contiguous()
         assert relative_error(got, expected) < FP32_BOUND
-        with forced("q4k_conv2d", backend, device):
+        with forced("q4k_conv2d", backend, device, exact=True):
             nhwc = ops.q4k_conv2d(xg.contiguous(memory_format=torch.channels_last), *args[1:], **kwargs)
         assert nhwc.is_contiguous(memory_format=torch.channels_last)
         assert relative_error(nhwc, expected) < FP32_BOUND

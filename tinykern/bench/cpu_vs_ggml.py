@@ -36,6 +36,11 @@ MATMUL_CASES = [
 ]
 
 
+# (name, channels, latent size): SD1.5 UNet resnet 3x3 convs, batch 1 (M = 4096/1024/256 pixels).
+CONV_CASES = [("sd15.resnet.conv@64x64", 320, 64), ("sd15.resnet.conv@32x32", 640, 32),
+              ("sd15.resnet.conv@16x16", 1280, 16)]
+
+
 def timed_rounds(fns, rounds):
     """{name: [seconds]} of `rounds` interleaved rounds, one call of each fn per round (after
     one warm-up call each)."""
@@ -89,6 +94,31 @@ def matmul_case(name, m, k, n, threads, rounds, gen):
     errors = {impl: rel_error(fn(), refs.get(impl, ref)) for impl, fn in fns.items()}
     times = timed_rounds(fns, rounds)
     return {"case": name, "M": m, "K": k, "N": n, "rel_error": errors,
+            "seconds": {impl: summary(t) for impl, t in times.items()}}
+
+
+def conv_case(name, channels, size, rounds, gen):
+    cols = channels * 9
+    w = q4k.quantize(0.02 * torch.randn(channels, -(-cols // q4k.BLOCK) * q4k.BLOCK, generator=gen))
+    dense = q4k.dequantize(w)[:, :cols].reshape(channels, channels, 3, 3).contiguous()
+    dense16 = dense.bfloat16()
+    x = torch.randn(1, channels, size, size, generator=gen)
+    x16 = x.bfloat16()
+    ref = F.conv2d(x.double(), dense.double(), None, 1, 1)
+    ref16 = F.conv2d(x16.double(), dense.double(), None, 1, 1)
+
+    def tk(xin, exact):
+        def call():
+            with backends.backend("cpu", exact=exact):
+                return ops.q4k_conv2d(xin, w, None, channels, 3, 1, 1)
+        return call
+
+    fns = {"tinykern": tk(x, False), "tinykern exact": tk(x, True), "tinykern bf16 x": tk(x16, False),
+           "dense fp32": lambda: F.conv2d(x, dense, None, 1, 1), "dense bf16": lambda: F.conv2d(x16, dense16, None, 1, 1)}
+    refs = {"tinykern bf16 x": ref16}
+    errors = {impl: rel_error(fn(), refs.get(impl, ref)) for impl, fn in fns.items()}
+    times = timed_rounds(fns, rounds)
+    return {"case": name, "M": size * size, "K": cols, "N": channels, "rel_error": errors,
             "seconds": {impl: summary(t) for impl, t in times.items()}}
 
 
@@ -177,6 +207,19 @@ def markdown(res):
                      f" | {ratio('ggml repacked')} | {ratio('dense fp32')} | {ratio('dense bf16', 'tinykern bf16 x')} |")
     lines += ["", "Times in ms; err: relative Frobenius error against float64 x @ dequant(w).T "
               "(bf16 x: against the bf16-rounded x)."]
+    if res.get("conv"):
+        lines += ["", "## Q4_K conv2d (3x3, stride 1, batch 1; M = pixels, K = C*9)", "",
+                  "`ops.q4k_conv2d` on the cpu backend (dequantize, then oneDNN's conv: bf16 on AMX unless exact) "
+                  "against dense `F.conv2d`; ggml has no conv here.", "",
+                  "| case | M | K | N | " + " | ".join(impls[:3] + impls[5:]) + " | vs dense fp32 | vs dense bf16 (bf16 x) |",
+                  "|" + "---|" * (len(impls) + 4)]
+        for r in res["conv"]:
+            s = r["seconds"]
+            cells = [f"{s[i]['median'] * 1e3:.2f} ({s[i]['p20'] * 1e3:.2f}-{s[i]['p80'] * 1e3:.2f}) "
+                     f"err {r['rel_error'][i]:.1e}" for i in impls[:3] + impls[5:]]
+            lines.append(f"| {r['case']} | {r['M']} | {r['K']} | {r['N']} | " + " | ".join(cells) +
+                         f" | {s['dense fp32']['median'] / s['tinykern']['median']:.2f}x"
+                         f" | {s['dense bf16']['median'] / s['tinykern bf16 x']['median']:.2f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -205,6 +248,11 @@ def main(argv=None):
     for name, m, k, n in cases:
         res["matmul"].append(matmul_case(name, m, k, n, args.threads, args.rounds, gen))
         print(json.dumps(res["matmul"][-1]), flush=True)
+    res["conv"] = []
+    for name, channels, size in CONV_CASES:
+        if args.cases is None or name in args.cases.split(","):
+            res["conv"].append(conv_case(name, channels, size, args.rounds, gen))
+            print(json.dumps(res["conv"][-1]), flush=True)
     stats = load.stop()
     res["load"] = stats["note"] if stats else None
     os.makedirs(args.out, exist_ok=True)

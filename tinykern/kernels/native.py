@@ -18,14 +18,30 @@ _BLOCKS = {"q4k": (256, 144), "q8_0": (32, 34)}
 
 
 def q4k_conv2d(x, w, bias, kernel_size, stride, padding, dilation, groups):
-    """The native dequantize to x.dtype, then the vendor conv (cuDNN, oneDNN). At conv sizes the
-    GEMM is compute-bound, and an unfold into q4k_matmul would also build the [N*H*W, C*kh*kw]
-    patch matrix (no measured comparison is kept in bench/results/)."""
+    """The native dequantize, then the vendor conv (cuDNN, oneDNN), in x.dtype; on a CPU with
+    AMX-BF16 in bf16 for fp32 and bf16 x (fp32 accumulation, relative error about 3e-3 against
+    float64) unless `tinykern.backend(..., exact=True)`. At conv sizes the GEMM is
+    compute-bound, and an unfold into q4k_matmul would also build the [N*H*W, C*kh*kw] patch
+    matrix (no measured comparison is kept in bench/results/)."""
+    compute = torch.bfloat16 if _bf16_conv(x) else x.dtype
     per_group = x.shape[1] // groups
     kh, kw = kernel_size
-    weight = torch.ops.tinykern.q4k_dequantize(w, x.dtype)[:, : per_group * kh * kw]
+    weight = torch.ops.tinykern.q4k_dequantize(w, compute)[:, : per_group * kh * kw]
     weight = weight.reshape(w.shape[0], per_group, kh, kw)
-    return F.conv2d(x, weight, None if bias is None else bias.to(x.dtype), stride, padding, dilation, groups)
+    out = F.conv2d(x.to(compute), weight, None if bias is None else bias.to(compute), stride, padding, dilation, groups)
+    return out.to(x.dtype)
+
+
+def _bf16_conv(x):
+    """Whether q4k_conv2d runs x in bf16: the CPU kernels' rule for wide matmuls (the conv
+    dequantizes its whole weight either way, and bf16 halves that)."""
+    return x.device.type == "cpu" and x.dtype != torch.float16 and not backends.exact() and _amx_bf16()
+
+
+@torch.compiler.assume_constant_result
+def _amx_bf16():
+    # torch.compile takes the answer at trace time (TINYKERN_CPU_SIMD is read on each eager call).
+    return _ext.runtime_info()["simd"] == "avx512+amx"
 
 
 def _register_fakes():
