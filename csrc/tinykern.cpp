@@ -14,10 +14,16 @@ TORCH_LIBRARY(tinykern, m) {
   m.def("q4k_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   // x [M, K] @ dequant(w [N, nb*144]).T (+ bias [N]) -> [M, N] in x.dtype.
   // K <= nb*256: weight columns past K are row padding and never meet x.
-  m.def("q4k_matmul(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  // exact=False lets the CPU kernels round x, the weight, bias and output to bf16 for M >= 256
+  // on AMX (fp32 accumulation); exact=True keeps every product in fp32.
+  m.def("q4k_matmul(Tensor x, Tensor w, Tensor? bias, bool exact=True) -> Tensor");
   // blocks [..., nb*34] uint8 -> [..., nb*32] of dtype
+  // x float32 [..., K] -> blocks uint8 [..., K/256*144]: GGML's reference quantizer, byte for byte
+  m.def("q4k_quantize(Tensor x) -> Tensor");
+  // x float32 [..., K] -> blocks uint8 [..., K/32*34]
+  m.def("q8_0_quantize(Tensor x) -> Tensor");
   m.def("q8_0_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
-  m.def("q8_0_matmul(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("q8_0_matmul(Tensor x, Tensor w, Tensor? bias, bool exact=True) -> Tensor");
   // x [N, D], codebooks [L, K, D] float32 -> (codes [N, L] int64, quantized [N, D] float32)
   m.def("rvq_encode(Tensor x, Tensor codebooks) -> (Tensor, Tensor)");
   // codes [N, L'] int32/int64 (-1 adds nothing), codebooks [L, K, D] -> [N, D] in codebooks.dtype

@@ -24,12 +24,13 @@ BACKEND_CASES = [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in bac
 
 
 @contextlib.contextmanager
-def forced(op, backend, device):
-    """Run the body with `backend` forced, or skip the test saying why it cannot run."""
+def forced(op, backend, device, exact=False):
+    """Run the body with `backend` forced (fp32-exact CPU matmuls if `exact`), or skip the test
+    saying why it cannot run."""
     reason = backends.unavailable_reason(backend, torch.device(device).type, op)
     if reason is not None:
         pytest.skip(reason)
-    with backends.backend(backend):
+    with backends.backend(backend, exact=exact):
         yield
 
 

@@ -4,6 +4,7 @@ Dequantization must be bit-identical to the `gguf` package (compared as float32 
 that even the sign of a zero counts); Q8_0 quantization byte-identical to it. gguf cannot
 quantize Q4_K, so our Q4_K quantizer is measured against the C reference quantize_row_q4_K_ref
 of the libggml-python wheel: relative RMS error, and the share of blocks it reproduces exactly.
+The compiled quantizers of tinykern._C (what CPU tensors get) must give the C reference's bytes.
 """
 
 import ctypes
@@ -15,7 +16,7 @@ import torch
 from conftest import BACKEND_CASES, forced, relative_error
 from gguf import GGMLQuantizationType, quants
 
-from tinykern import ops
+from tinykern import _ext, backends, ops
 from tinykern.formats import q4k, q8_0
 
 Q4_K = GGMLQuantizationType.Q4_K
@@ -205,12 +206,21 @@ class GGMLC:
         lib.quantize_row_q4_K_ref.restype = None
         lib.dequantize_row_q4_K.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         lib.dequantize_row_q4_K.restype = None
+        lib.quantize_row_q8_0_ref.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        lib.quantize_row_q8_0_ref.restype = None
 
     def quantize_q4k(self, x):
+        return self._quantize(self.lib.quantize_row_q4_K_ref, x, 256, 144)
+
+    def quantize_q8_0(self, x):
+        return self._quantize(self.lib.quantize_row_q8_0_ref, x, 32, 34)
+
+    @staticmethod
+    def _quantize(fn, x, block, block_bytes):
         x = np.ascontiguousarray(x.detach().cpu().float().numpy().reshape(-1))
-        y = np.zeros(x.size // 256 * 144, dtype=np.uint8)
-        self.lib.quantize_row_q4_K_ref(x.ctypes.data, y.ctypes.data, x.size)
-        return torch.from_numpy(y).reshape(-1, 144)
+        y = np.zeros(x.size // block * block_bytes, dtype=np.uint8)
+        fn(x.ctypes.data, y.ctypes.data, x.size)
+        return torch.from_numpy(y).reshape(-1, block_bytes)
 
     def dequantize_q4k(self, blocks):
         blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
@@ -247,10 +257,18 @@ def sample(dist, gen, n):
 IDENTICAL_FLOOR = {"normal": 0.25, "student_t3": 0.32, "outliers": 0.30}
 
 
+# The quantizer each path runs on CPU tensors: the compiled port ("cpu", the default when _C is
+# built) and the torch search ("torch").
+QUANTIZER_PATHS = [pytest.param("cpu", marks=pytest.mark.skipif(not _ext.available(), reason="tinykern._C is not built")),
+                   "torch"]
+
+
+@pytest.mark.parametrize("path", QUANTIZER_PATHS)
 @pytest.mark.parametrize("dist", ["normal", "student_t3", "outliers"])
-def test_q4k_quantize_as_good_as_c_reference(dist, gen, ggml_c, record_property):
+def test_q4k_quantize_as_good_as_c_reference(dist, path, gen, ggml_c, record_property):
     x = sample(dist, gen, 512 * 256).reshape(16, 8192)
-    ours = q4k.quantize(x).reshape(-1, 144)
+    with backends.backend(path):
+        ours = q4k.quantize(x).reshape(-1, 144)
     ref = ggml_c.quantize_q4k(x)
     err_ours = relative_error(q4k.dequantize(ours), x.reshape(-1, 256))
     err_c = relative_error(q4k.dequantize(ref), x.reshape(-1, 256))
@@ -262,7 +280,8 @@ def test_q4k_quantize_as_good_as_c_reference(dist, gen, ggml_c, record_property)
     record_property(f"q4k_{dist}_identical_blocks", identical)
     print(f"Q4_K {dist}: rel error {err_ours:.5f} vs C {err_c:.5f} (ratio {ratio:.4f}), identical blocks {identical:.1%}")
     assert ratio <= 1.01, f"{dist}: relative RMS error {err_ours:.5f} > 1.01 x C reference {err_c:.5f}"
-    assert identical >= IDENTICAL_FLOOR[dist], f"{dist}: only {identical:.1%} of blocks match the C reference"
+    floor = 1.0 if path == "cpu" else IDENTICAL_FLOOR[dist]
+    assert identical >= floor, f"{dist}: only {identical:.1%} of blocks match the C reference"
     if dist == "normal":
         assert 0.065 < err_ours < 0.075  # the layout doc: about 0.071 on N(0,1)
 
@@ -282,6 +301,65 @@ def test_q4k_quantize_special_blocks_match_c_reference(gen, ggml_c):
         e_ours = relative_error(q4k.dequantize(ours[i]), x[i])
         e_c = relative_error(q4k.dequantize(ref[i]), x[i])
         assert e_ours <= 1.05 * e_c + 1e-6, f"block {i}: {e_ours:.5f} vs C {e_c:.5f}"
+
+
+def reference_matrices(gen):
+    """The data the compiled quantizers must reproduce the C reference's bytes on: the three
+    distributions above, uniform, one sign only (each way), rows scaled from 1e-6 to 1e4,
+    90% zeros, near the fp32 underflow, one 1e4 outlier in N(0,1), and all zeros."""
+    shape = (8, 4096)
+    n = shape[0] * shape[1]
+    mats = {dist: sample(dist, gen, n).reshape(shape) for dist in ("normal", "student_t3", "outliers")}
+    normal = torch.randn(shape, generator=gen)
+    mats["uniform"] = torch.rand(shape, generator=gen) * 2 - 1
+    mats["positive"] = torch.rand(shape, generator=gen) + 1
+    mats["negative"] = -torch.rand(shape, generator=gen)
+    mats["row_scales"] = normal * torch.logspace(-6, 4, shape[0])[:, None]
+    mats["sparse"] = normal * (torch.rand(shape, generator=gen) < 0.1)
+    mats["tiny"] = normal * 1e-30
+    mats["outlier_1e4"] = torch.randn(shape, generator=gen)
+    mats["outlier_1e4"][3, 1000] = 1e4
+    mats["zeros"] = torch.zeros(shape)
+    return mats
+
+
+@pytest.mark.skipif(not _ext.available(), reason="tinykern._C is not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("simd", ["best", "avx2", "scalar"])
+def test_compiled_quantizers_give_the_c_reference_bytes(simd, threads, gen, ggml_c, monkeypatch):
+    """Every SIMD path of q4k_quantize / q8_0_quantize against quantize_row_q4_K_ref /
+    quantize_row_q8_0_ref, byte for byte, split across one or two threads."""
+    if simd != "best":
+        monkeypatch.setenv("TINYKERN_CPU_SIMD", simd)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, x in reference_matrices(gen).items():
+            for fmt, ref in ((q4k, ggml_c.quantize_q4k), (q8_0, ggml_c.quantize_q8_0)):
+                ours = fmt.quantize(x).reshape(-1, fmt.BLOCK_BYTES)
+                differ = (ours != ref(x)).any(dim=1).sum().item()
+                assert differ == 0, f"{fmt.__name__} {name}: {differ} of {ours.shape[0]} blocks differ from the C reference"
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="tinykern._C is not built")
+def test_compiled_quantizers_odd_shapes_and_errors(gen):
+    """Leading dims kept, an odd number of super-blocks (a part-filled group of lanes), views."""
+    x = torch.randn(3, 5, 768, generator=gen)
+    for fmt, op in ((q4k, torch.ops.tinykern.q4k_quantize), (q8_0, torch.ops.tinykern.q8_0_quantize)):
+        with backends.backend("torch"):
+            expected = fmt.quantize(x) if fmt is q8_0 else None
+        got = op(x)
+        assert got.shape == (3, 5, 768 // fmt.BLOCK * fmt.BLOCK_BYTES) and got.dtype == torch.uint8
+        assert torch.equal(op(x[:, 1:4]), got[:, 1:4])  # a non-contiguous view
+        if expected is not None:
+            assert torch.equal(got, expected)
+        with pytest.raises(RuntimeError, match=r"must be float32.*Half"):
+            op(x.half())
+        with pytest.raises(RuntimeError, match=r"multiple of"):
+            op(x[..., :100])
+        torch.library.opcheck(op, (x,))
 
 
 # --- Q4_K quantize: exact cases, errors, dtypes ------------------------------------------------

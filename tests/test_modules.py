@@ -11,12 +11,20 @@ import torch.nn.functional as F
 from conftest import BACKEND_CASES, forced, relative_error
 from torch import nn
 
-from tinykern import Q4Conv2d, Q4Linear, Q8Linear, ops
+from tinykern import Q4Conv2d, Q4Linear, Q8Linear, backends, ops
 from tinykern.formats import q4k, q8_0
 
 LINEARS = [pytest.param(Q4Linear, id="q4_k"), pytest.param(Q8Linear, id="q8_0")]
 # The kernel's fp32 error against F.linear on the same dense weight: summation order only.
 FP32_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def exact_cpu_matmuls():
+    """The modules are checked against dense fp32 at FP32_TOL: their matmuls run fp32-exact here
+    (the CPU kernels' bf16 path has its bound in test_q4k_matmul.py / test_q8_0_matmul.py)."""
+    with backends.backend("auto", exact=True):
+        yield
 
 
 def make_linear(gen, in_features, out_features, bias=True, dtype=torch.float32):
@@ -422,7 +430,7 @@ def test_modules_on_every_backend(device, backend, case, gen):
         expected = F.conv2d(x, module.dequantize(), module.bias, module.stride, module.padding, module.dilation, module.groups)
     else:
         expected = dense_linear(module, x)
-    with forced(op, backend, device):
+    with forced(op, backend, device, exact=True):
         y = module(x)
         empty = module(x[:0])
         single = module(x[0]) if not isinstance(module, Q4Conv2d) else None

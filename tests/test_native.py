@@ -253,6 +253,40 @@ def test_rvq_decode_is_bit_exact_with_the_reference(path, code_dtype, dtype, gen
     assert bool((got[0] == 0).all())
 
 
+# The fast (exact=False) wide path's bound: ggml's own relative error with 8-bit activations.
+FAST_BOUND = 7e-3
+
+
+@pytest.mark.parametrize("simd", ["best", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matmul_fast_path(simd, fmt, dtype, monkeypatch, gen):
+    """exact=False from 256 rows: bf16 on AMX (within FAST_BOUND of float64, or 2x torch's own
+    error for bf16 x), fp32 bits identical to exact=True where AMX is capped off or missing and
+    for fp16 x; below 256 rows the same bits as exact=True."""
+    if simd != "best":
+        monkeypatch.setenv("TINYKERN_CPU_SIMD", simd)
+    amx = _ext.runtime_info()["simd"] == "avx512+amx" and simd == "best" and dtype != torch.float16
+    tk = getattr(torch.ops.tinykern, f"{fmt}_matmul")
+    k, n = (1001, 37) if fmt == "q4k" else (300, 37)
+    w = make_weight(gen, fmt, n, k)
+    bias = torch.randn(n, generator=gen)
+    for m in (255, 256, 300):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        exact = tk(x, w, bias, True)
+        fast = tk(x, w, bias, False)
+        assert fast.shape == (m, n) and fast.dtype == dtype and bool(torch.isfinite(fast).all())
+        if not amx or m < 256:
+            assert same_bits(fast, exact), (m, simd)
+            continue
+        expected = reference(x, w, fmt, k, bias)
+        bound = FAST_BOUND
+        if dtype == torch.bfloat16:
+            dense = FORMATS[fmt].dequantize(w)[:, :k].bfloat16()
+            bound = 2 * relative_error(torch.nn.functional.linear(x, dense, bias.bfloat16()), expected) + 1e-5
+        assert relative_error(fast, expected) < bound, (m, relative_error(fast, expected), bound)
+
+
 @pytest.mark.parametrize("simd", ["best", "avx2", "scalar"])
 def test_threads_agree(simd, monkeypatch, gen):
     """Work is split by output rows (row blocks for RVQ), so two threads give the same bits as
@@ -321,11 +355,11 @@ def test_registered_for_the_native_backend(device, gen):
         kwargs = dict(stride=(2, 1), padding=1, dilation=(1, 2), groups=groups)
         with forced("q4k_conv2d", "torch", device):
             expected = ops.q4k_conv2d(*args, **kwargs)
-        with forced("q4k_conv2d", backend, device):
+        with forced("q4k_conv2d", backend, device, exact=True):
             got = ops.q4k_conv2d(*args, **kwargs)
         assert got.shape == expected.shape and got.is_contiguous()
         assert relative_error(got, expected) < FP32_BOUND
-        with forced("q4k_conv2d", backend, device):
+        with forced("q4k_conv2d", backend, device, exact=True):
             nhwc = ops.q4k_conv2d(xg.contiguous(memory_format=torch.channels_last), *args[1:], **kwargs)
         assert nhwc.is_contiguous(memory_format=torch.channels_last)
         assert relative_error(nhwc, expected) < FP32_BOUND

@@ -51,20 +51,26 @@ def reference(x, weight, bias, stride, padding, dilation, groups=1):
     return F.conv2d(x.double().cpu(), weight, b, stride, padding, dilation, groups)
 
 
+# The most the default (not exact) CPU path may show: ggml's relative error with 8-bit
+# activations (the CPU conv runs in bf16 on AMX).
+FAST_BOUND = 7e-3
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("B,C,H,W,O,kernel,stride,padding,dilation,channels_last,has_bias", CASES)
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_fp32_matches_conv2d(device, backend, B, C, H, W, O, kernel, stride, padding, dilation,
-                             channels_last, has_bias, gen):
+                             channels_last, has_bias, exact, gen):
     w, weight = make_weight(gen, O, C, kernel)
     x = make_input(gen, B, C, H, W, channels_last)
     bias = torch.randn(O, generator=gen) if has_bias else None
     expected = reference(x, weight, bias, stride, padding, dilation)
-    with forced("q4k_conv2d", backend, device):
+    with forced("q4k_conv2d", backend, device, exact=exact):
         y = ops.q4k_conv2d(x.to(device), w.to(device), None if bias is None else bias.to(device), C, kernel,
                            stride, padding, dilation)
     assert y.shape == expected.shape and y.dtype == torch.float32 and y.device.type == device
     assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    assert relative_error(y, expected) < 1e-3
+    assert relative_error(y, expected) < (1e-3 if exact else FAST_BOUND)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -82,17 +88,18 @@ def test_low_precision_within_twice_torch_error(device, backend, dtype, gen):
     assert relative_error(y, expected) <= 2 * torch_error + 1e-5
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_grouped_conv(device, backend, gen):
+def test_grouped_conv(device, backend, exact, gen):
     """Grouped convs are their own op (q4k_conv2d_grouped): the torch backend runs them, the
     Triton backend has no kernel for them and skips."""
     groups, C, O = 2, 8, 6
     w, weight = make_weight(gen, O, C // groups, 3)
     x = make_input(gen, 1, C, 6, 6, False)
     bias = torch.randn(O, generator=gen)
-    with forced("q4k_conv2d_grouped", backend, device):
+    with forced("q4k_conv2d_grouped", backend, device, exact=exact):
         y = ops.q4k_conv2d(x.to(device), w.to(device), bias.to(device), C, 3, 1, 1, 1, groups)
-    assert relative_error(y, reference(x, weight, bias, 1, 1, 1, groups)) < 1e-3
+    assert relative_error(y, reference(x, weight, bias, 1, 1, 1, groups)) < (1e-3 if exact else FAST_BOUND)
 
 
 def triton_module(device):

@@ -23,7 +23,11 @@ CASES = [
     (17, 2880, 33, True),
     (64, 512, 33, True),
     (64, 320, 7, False),
+    (257, 320, 33, True),  # the CPU's bf16 path (from 256 rows) on AMX
 ]
+# Relative Frobenius error of ggml's Q4_K mul_mat (activations quantized to 8 bits) against
+# float64 on random data: the most the default (not exact) CPU path may show.
+FAST_BOUND = 7e-3
 LOW_PRECISION_CASES = [(3, 320, 33), (64, 512, 33)]
 
 
@@ -39,16 +43,20 @@ def reference(x, dense, bias):
     return y if bias is None else y + bias.double().cpu()
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "fast"])
 @pytest.mark.parametrize("M,K,N,has_bias", CASES)
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
-def test_fp32_matches_dequantized_matmul(device, backend, M, K, N, has_bias, gen):
+def test_fp32_matches_dequantized_matmul(device, backend, M, K, N, has_bias, exact, gen):
+    """exact: every backend within 1e-3. fast (the default): the CPU kernels may round to bf16
+    from 256 rows on AMX, and must stay within FAST_BOUND, ggml's own error with 8-bit activations."""
     w, dense = make_weight(gen, N, K)
     x = torch.randn(M, K, generator=gen)
     bias = torch.randn(N, generator=gen) if has_bias else None
-    with forced("q4k_matmul", backend, device):
+    y = torch.full((M, N), float("nan"))
+    with forced("q4k_matmul", backend, device, exact=exact):
         y = ops.q4k_matmul(x.to(device), w.to(device), None if bias is None else bias.to(device))
     assert y.shape == (M, N) and y.dtype == torch.float32 and y.device.type == device
-    assert relative_error(y, reference(x, dense, bias)) < 1e-3
+    assert relative_error(y, reference(x, dense, bias)) < (1e-3 if exact else FAST_BOUND)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

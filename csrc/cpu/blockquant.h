@@ -1,6 +1,6 @@
 // What the CPU kernels of the block formats (Q4_K, Q8_0) share: fp16 reads, AVX2 store and sum
-// helpers, and the matmul driver that picks between on-the-fly decoding (small M) and tiles of
-// dequantized rows fed to the BLAS (large M).
+// helpers, and the matmul driver that picks between on-the-fly decoding (small M), a bf16 GEMM
+// on AMX and tiles of dequantized rows fed to the BLAS (large M).
 #pragma once
 
 // First, so that this is the first inclusion of the intrinsics headers in the TU.
@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/BFloat16.h>
@@ -86,6 +87,18 @@ void dispatch_float_out(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+// dst[i*kBlock ...] = the blocks in[i*kBlockBytes ...], i < count, over all threads.
+template <class Format, typename T>
+void dequant_blocks(const uint8_t* in, int64_t count, T* dst) {
+  const bool simd = has_avx2_fma();
+  // ~64 KB of output per task.
+  at::parallel_for(0, count, 16384 / Format::kBlock, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      Format::template dequant_block<T>(in + i * Format::kBlockBytes, dst + i * Format::kBlock, simd);
+    }
+  });
+}
+
 // Dequantizes every block of `blocks` with Format::dequant_block<T>(block, out).
 template <class Format>
 at::Tensor block_dequantize(const char* op, const at::Tensor& blocks, at::ScalarType dtype) {
@@ -95,17 +108,9 @@ at::Tensor block_dequantize(const char* op, const at::Tensor& blocks, at::Scalar
   std::vector<int64_t> sizes = blocks.sizes().vec();
   sizes.back() = sizes.back() / Format::kBlockBytes * Format::kBlock;
   at::Tensor out = at::empty(sizes, blocks.options().dtype(dtype));
-  const uint8_t* in = src.data_ptr<uint8_t>();
-  const bool simd = has_avx2_fma();
   dispatch_float_out(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    T* dst = static_cast<T*>(out.data_ptr());
-    // ~64 KB of output per task.
-    at::parallel_for(0, count, 16384 / Format::kBlock, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        Format::template dequant_block<T>(in + i * Format::kBlockBytes, dst + i * Format::kBlock, simd);
-      }
-    });
+    dequant_blocks<Format>(src.data_ptr<uint8_t>(), count, static_cast<T*>(out.data_ptr()));
   });
   return out;
 }
@@ -138,19 +143,58 @@ at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int6
   return out;
 }
 
-// The q*_matmul op: checks, fp32 activations zero-padded to whole blocks (the kernels never read
-// x past K), Format::gemv for M < Format::kTileMinRows, tiles of dequantized rows above, then
-// bias in fp32 and the cast to x.dtype.
+// out [M, N] bf16 = xb [M, K] @ dequant(w)[:, :K].T (+ bias16) on oneDNN's bf16 GEMM (AMX, fp32
+// accumulation): tiles of up to 2^22 weights (8 MB of bf16), one after another, each dequantized
+// by all threads and then multiplied by all threads into its column slab of out, the bias slice
+// fused. oneDNN packs x again for every GEMM, so the tiles are as large as a transient buffer
+// may be: whole weights up to 4M parameters (all of SD1.5's but the 3x3 convs at 1280
+// channels, which take four GEMMs).
+template <class Format>
+at::Tensor bf16_matmul(const at::Tensor& xb, const uint8_t* w, int64_t n, int64_t nb,
+                       const c10::optional<at::Tensor>& bias16) {
+  const int64_t kp = nb * Format::kBlock, k = xb.size(1);
+  const int64_t tile = std::min(n, std::max<int64_t>(1, (1 << 22) / kp));
+  at::Tensor out = at::empty({xb.size(0), n}, xb.options());
+  at::Tensor buf = at::empty({tile, kp}, xb.options());
+  for (int64_t n0 = 0; n0 < n; n0 += tile) {
+    const int64_t rows = std::min(tile, n - n0);
+    dequant_blocks<Format>(w + n0 * nb * Format::kBlockBytes, rows * nb, buf.data_ptr<c10::BFloat16>());
+    at::Tensor o = out.narrow(1, n0, rows);
+    const at::Tensor wt = buf.narrow(0, 0, rows).narrow(1, 0, k).t();
+    if (bias16.has_value()) {
+      at::cpu::addmm_out(o, bias16->narrow(0, n0, rows), xb, wt);
+    } else {
+      at::cpu::mm_out(o, xb, wt);
+    }
+  }
+  return out;
+}
+
+// From this many rows of x, bf16_matmul beats tiled_matmul: below, decoding the whole weight to
+// bf16 and converting x and out cost more than the bf16 GEMM saves over fp32.
+constexpr int64_t kBf16MinRows = 256;
+
+// The q*_matmul op, by rows of x. Below Format::kTileMinRows: fp32 x zero-padded to whole
+// blocks (the kernels never read x past K) into Format::gemv. From kBf16MinRows: bf16_matmul
+// where the CPU has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit
+// mantissa bf16 would cut to 8): x, the weight and the bias rounded to bf16, fp32 accumulation,
+// the output rounded to bf16. Otherwise tiled_matmul in fp32 with the bias added after. Then
+// the cast to x.dtype.
 template <class Format>
 at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w,
-                        const c10::optional<at::Tensor>& bias) {
+                        const c10::optional<at::Tensor>& bias, bool exact) {
   const MatmulShape s = check_matmul(op, Format::kBlock, Format::kBlockBytes, x, w, bias, c10::DeviceType::CPU);
   const at::Tensor wc = w.contiguous();
-  const int64_t kp = s.nb * Format::kBlock;
-  at::Tensor x32 = at::zeros({s.m, kp}, x.options().dtype(at::kFloat));
+  const bool wide = s.m >= Format::kTileMinRows && s.nb > 0;
+  if (s.m >= kBf16MinRows && s.nb > 0 && !exact && x.scalar_type() != at::kHalf && has_amx_bf16()) {
+    const c10::optional<at::Tensor> bias16 =
+        bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kBFloat16)) : c10::nullopt;
+    return bf16_matmul<Format>(x.to(at::kBFloat16), wc.data_ptr<uint8_t>(), s.n, s.nb, bias16).to(x.scalar_type());
+  }
+  at::Tensor x32 = at::zeros({s.m, s.nb * Format::kBlock}, x.options().dtype(at::kFloat));
   x32.narrow(1, 0, s.k).copy_(x);
   at::Tensor out;
-  if (s.m < Format::kTileMinRows || s.nb == 0) {
+  if (!wide) {
     out = at::empty({s.m, s.n}, x32.options());
     Format::gemv(x32.data_ptr<float>(), s.m, wc.data_ptr<uint8_t>(), s.n, s.nb, out.data_ptr<float>());
   } else {

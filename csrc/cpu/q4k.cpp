@@ -301,8 +301,9 @@ at::Tensor q4k_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return block_dequantize<Q4K>("q4k_dequantize", blocks, dtype);
 }
 
-at::Tensor q4k_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return block_matmul<Q4K>("q4k_matmul", x, w, bias);
+at::Tensor q4k_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool exact) {
+  return block_matmul<Q4K>("q4k_matmul", x, w, bias, exact);
 }
 
 }  // namespace

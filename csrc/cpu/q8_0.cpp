@@ -106,8 +106,9 @@ at::Tensor q8_0_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return block_dequantize<Q8_0>("q8_0_dequantize", blocks, dtype);
 }
 
-at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  return block_matmul<Q8_0>("q8_0_matmul", x, w, bias);
+at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool exact) {
+  return block_matmul<Q8_0>("q8_0_matmul", x, w, bias, exact);
 }
 
 }  // namespace

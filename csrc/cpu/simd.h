@@ -9,8 +9,12 @@ bool has_avx2_fma();
 // True when, on top of that, it runs AVX-512F (the Q4_K GEMV has a 16-lane variant).
 bool has_avx512();
 
-// "avx512", "avx2+fma" or "scalar": the widest path the CPU kernels take on this machine.
-// TINYKERN_CPU_SIMD=avx2 or =scalar caps it (read at each call, so tests can reach every path).
+// True when, on top of that, the CPU has AMX-BF16 and torch's oneDNN brgemm ukernel runs on it
+// (the bf16 path of the wide matmul).
+bool has_amx_bf16();
+
+// "avx512+amx", "avx512", "avx2+fma" or "scalar": the widest path the CPU kernels take on this machine.
+// TINYKERN_CPU_SIMD=avx512, =avx2 or =scalar caps it (read at each call, so tests can reach every path).
 const char* simd_level();
 
 }  // namespace tinykern::cpu

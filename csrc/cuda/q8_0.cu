@@ -134,7 +134,9 @@ at::Tensor q8_0_dequantize(const at::Tensor& blocks, at::ScalarType dtype) {
   return out;
 }
 
-at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+// `exact` is for the CPU kernels: these compute in fp32 whatever it says.
+at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                       bool /*exact*/) {
   const MatmulShape s = check_matmul("q8_0_matmul", kBlock, kBlockBytes, x, w, bias, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor wc = contiguous_aligned(w);

@@ -11,8 +11,10 @@ backend forced) and baselines:
   exactly that. `detail` says which ran.
 - rvq_encode: "cdist_argmin" (torch.cdist + argmin per level, the N x K matrix included) and
   "vector_quantize_pytorch" (its ResidualVQ in eval mode with the same codebooks).
-- q4k_quantize / q8_0_quantize: "tinykern" (tinykern.formats, vectorized torch on the device) and,
-  for Q8_0 on CPU, "gguf_numpy" (gguf-py's numpy quantizer; it has none for Q4_K).
+- q4k_quantize / q8_0_quantize: "tinykern" (tinykern.formats: the compiled quantizer on CPU,
+  vectorized torch on a GPU), "tinykern_torch" (the torch quantizer forced), and on CPU
+  "ggml_ref" (libggml's C reference quantizer, one thread) and for Q8_0 "gguf_numpy" (gguf-py's
+  numpy quantizer; it has none for Q4_K).
 
 Bytes are the op's compulsory traffic: every input read once (packed weights with their
 scales, activations, bias, codebooks) and every output written once. Rows that consume the
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tinykern import backends, ops
-from tinykern.bench import machine, shapes
+from tinykern.bench import ggml, machine, shapes
 from tinykern.formats import q4k, q8_0
 
 OPS = ("q4k_matmul", "q8_0_matmul", "q4k_conv2d", "rvq_encode", "q4k_quantize", "q8_0_quantize")
@@ -35,8 +37,8 @@ BASELINES = {
     "q8_0_matmul": ("dense", "dequant_then_matmul"),
     "q4k_conv2d": ("dense", "dequant_then_matmul"),
     "rvq_encode": ("cdist_argmin", "vector_quantize_pytorch"),
-    "q4k_quantize": (),
-    "q8_0_quantize": ("gguf_numpy",),
+    "q4k_quantize": ("ggml_ref",),
+    "q8_0_quantize": ("gguf_numpy", "ggml_ref"),
 }
 CASES = {"q4k_matmul": shapes.q4k_matmul, "q8_0_matmul": shapes.q8_0_matmul, "q4k_conv2d": shapes.q4k_conv2d,
          "rvq_encode": shapes.rvq, "q4k_quantize": shapes.quantize, "q8_0_quantize": shapes.quantize}
@@ -79,7 +81,7 @@ class Row:
 
 
 def impls(op):
-    own = ("tinykern",) if op.endswith("_quantize") else backends.BACKENDS
+    own = ("tinykern", "tinykern_torch") if op.endswith("_quantize") else backends.BACKENDS
     return own + BASELINES[op]
 
 
@@ -127,6 +129,13 @@ def prepare(op, case, impl, device, workspace):
             raise Unavailable(reason)
     if impl == "gguf_numpy" and device.type != "cpu":
         raise Unavailable("gguf-py's quantizer is numpy code: it runs on the CPU only")
+    if impl == "ggml_ref":
+        if device.type != "cpu":
+            raise Unavailable("libggml's reference quantizer runs on the CPU only")
+        try:
+            ggml.quantize_ref("q8_0", torch.zeros(1, 32))
+        except ggml.Unavailable as e:
+            raise Unavailable(str(e)) from None
     data = workspace.get(op, case, device)
     build = {"rvq_encode": _rvq_row, "q4k_conv2d": _conv_row, "q4k_quantize": _quantize_row,
              "q8_0_quantize": _quantize_row}.get(op, _matmul_row)
@@ -307,6 +316,13 @@ def _quantize_row(op, case, impl, device, data):
             return torch.from_numpy(quants.quantize(array, gguf.GGMLQuantizationType.Q8_0))
 
         detail = f"gguf-py {machine.dist_version('gguf')} quants.quantize (numpy)"
+    elif impl == "ggml_ref":
+        name = "q4k" if fmt is q4k else "q8_0"
+        fn = lambda: ggml.quantize_ref(name, w)  # noqa: E731
+        detail = f"libggml-python {ggml.version()} quantize_row_{'q4_K' if fmt is q4k else 'q8_0'}_ref (C, one thread)"
+    elif impl == "tinykern_torch":
+        fn = _backend_call("torch", fmt.quantize, w)
+        detail = f"tinykern.formats.{fmt.__name__.rsplit('.', 1)[-1]}.quantize with the torch backend forced"
     else:
         fn, detail = (lambda: fmt.quantize(w)), f"tinykern.formats.{fmt.__name__.rsplit('.', 1)[-1]}.quantize on {device.type}"
 
@@ -318,7 +334,7 @@ def _quantize_row(op, case, impl, device, data):
 
     packed = case.rows * case.cols // fmt.BLOCK * fmt.BLOCK_BYTES
     return Row(op, case, impl, _kind(op, impl), detail, fn, check, w.numel() * 4 + packed, 0, "float32", str(device),
-               torch_memory=impl != "gguf_numpy")
+               torch_memory=impl not in ("gguf_numpy", "ggml_ref"))
 
 
 def _cdist_argmin(x, books):

@@ -159,7 +159,7 @@ def quantize(which):
     if which == "tiny":
         return [QuantizeCase("tiny", 64, 512)]
     if which == "small":
-        return [QuantizeCase("sd15.attn1.to_q@16x16", 1280, 1280)]
+        return [QuantizeCase("sd15.attn1.to_q@16x16", 1280, 1280), QuantizeCase("llm.4096x4096", 4096, 4096)]
     return [QuantizeCase("sd15.resnet.conv1@8x8", 1280, 11520)]  # 1280*9 = 11520 = 45 blocks
 
 

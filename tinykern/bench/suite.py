@@ -6,7 +6,7 @@ import torch
 from tinykern import backends
 from tinykern.bench import cases, ceilings, machine, report, sd15, timing
 
-QUANTIZE_TARGET_S = 60  # seconds to quantize the whole SD1.5 UNet to Q4_K
+QUANTIZE_TARGET_S = 45  # seconds to quantize the whole SD1.5 UNet to Q4_K (issue #18)
 
 
 def run(device, shape_set, quick=False, ops=cases.OPS, log=print):

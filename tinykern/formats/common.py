@@ -9,12 +9,16 @@ FP16_MAX = torch.finfo(torch.float16).max
 def float32_in_range(w, name, fmt, low, high):
     """w as float32, after checking that it is finite and within [low, high], the range `fmt`
     can hold; raises ValueError naming `name` otherwise."""
+    x = w.detach().float()  # checked in float32, the precision the quantizer works in
+    if x.numel():
+        # One pass in the common case: aminmax is NaN where any value is, failing both tests.
+        lowest, highest = torch.aminmax(x)
+        if bool(lowest >= low) and bool(highest <= high):
+            return x
     finite = torch.isfinite(w)
     if not bool(finite.all()):
         bad = (~finite).sum().item()
         raise ValueError(f"{name}: cannot quantize a weight holding NaN or Inf ({bad} of {w.numel()} values)")
-    # Checked in float32, the precision the quantizer works in (bf16 rounds the bounds).
-    x = w.detach().float()
     outside = (x < low) | (x > high)
     if bool(outside.any()):
         farthest = x.min() if x.min() < low else x.max()
@@ -23,6 +27,17 @@ def float32_in_range(w, name, fmt, low, high):
             f"{outside.sum().item()} of {w.numel()} values lie outside (the farthest: {farthest.item():.9g})"
         )
     return x
+
+
+def native_quantize(op, x):
+    """x quantized by the compiled op `op` of tinykern._C (a port of GGML's reference quantizer,
+    byte for byte), or None where it does not run: x off the CPU, _C not built, or a backend
+    other than "cpu" forced (`with tinykern.backend("torch")` gives the torch quantizer)."""
+    from tinykern import _ext, backends
+
+    if x.device.type != "cpu" or not _ext.available() or backends.current() not in ("auto", "cpu"):
+        return None
+    return getattr(torch.ops.tinykern, op)(x.contiguous())
 
 
 def round_to_fp16(x):

@@ -2,7 +2,7 @@
 
 import torch
 
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes
+from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize
 
 BLOCK = 32
 BLOCK_BYTES = 34
@@ -12,11 +12,15 @@ MAX_ABS = 127 * FP16_MAX
 
 def quantize(w, name="weight"):
     """Quantize w [..., K] (K a multiple of 32) to Q8_0 blocks, uint8 [..., K/32*34], exactly as
-    the reference quantizer does (d = amax/127 in fp32, codes rounded half away from zero).
+    the reference quantizer does (d = amax/127 in fp32, codes rounded half away from zero): the
+    compiled quantizer on CPU tensors, torch elsewhere (the same bytes).
     Raises ValueError naming `name` if w holds NaN, Inf or a magnitude above MAX_ABS."""
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q8_0 needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
     x = float32_in_range(w, name, "Q8_0", -MAX_ABS, MAX_ABS).reshape(-1, BLOCK)
+    out = native_quantize("q8_0_quantize", x)
+    if out is not None:
+        return out.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
     d = x.abs().amax(dim=1) / 127
     inv = torch.where(d > 0, 1 / torch.where(d > 0, d, torch.ones_like(d)), torch.zeros_like(d))
     q = _round_half_away(x * inv[:, None]).to(torch.int8)
