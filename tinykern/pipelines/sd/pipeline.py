@@ -74,6 +74,21 @@ class TinySDPipeline(StableDiffusionPipeline):
         self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = TILE_SAMPLE, TILE_LATENT
 
     @property
+    def slicing(self):
+        """The feature slicing in use (tinykern.pipelines.sd.slicing.Slicing), or None."""
+        return getattr(self, "_tinykern_slicing", None)
+
+    def enable_slicing(self, slicing=True):
+        """Run the UNet's and VAE decoder's blocks slice by slice (True: default slice sizes; a
+        Slicing; None/False: off). Same results up to float rounding, a fraction of the
+        activation memory: see tinykern.pipelines.sd.slicing."""
+        from tinykern.pipelines.sd import slicing as sliced
+
+        value = sliced.Slicing() if slicing is True else (slicing or None)
+        sliced.enable(self.unet, self.vae, value)
+        self._tinykern_slicing = value
+
+    @property
     def loras(self):
         """The LoRAs loaded with load_lora, in order."""
         if not hasattr(self, "_tinykern_loras"):
