@@ -89,6 +89,19 @@ class TinySDPipeline(StableDiffusionPipeline):
         self._tinykern_slicing = value
 
     @property
+    def rehash(self):
+        """The step-rehash interval (a full UNet step every N), or None."""
+        hook = getattr(self.unet, "_tinykern_rehash", None)
+        return hook.interval if hook is not None else None
+
+    def enable_rehash(self, interval):
+        """Step rehash: a full UNet step every `interval` steps, only the outer blocks on the
+        steps between (None: off). See tinykern.pipelines.sd.rehash."""
+        from tinykern.pipelines.sd import rehash
+
+        rehash.enable(self.unet, interval)
+
+    @property
     def loras(self):
         """The LoRAs loaded with load_lora, in order."""
         if not hasattr(self, "_tinykern_loras"):
@@ -119,6 +132,8 @@ class TinySDPipeline(StableDiffusionPipeline):
         return self.unet.device
 
     def __call__(self, *args, output_type="pil", return_dict=True, **kwargs):
+        if getattr(self.unet, "_tinykern_rehash", None) is not None:
+            self.unet._tinykern_rehash.reset()
         with stage("sd.denoise"):
             latents = super().__call__(*args, output_type="latent", return_dict=False, **kwargs)[0]
         if output_type == "latent":
