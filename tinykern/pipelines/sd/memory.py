@@ -207,13 +207,15 @@ def kernel_models(backend):
 
     if backend not in ("triton", "cuda", "torch"):
         raise ValueError(f"backend must be 'triton', 'cuda' or 'torch', got {backend!r}")
+    # The dequantize kernels allocate their output only (the native ops' fake kernels).
+    dequantize = {"q4k_dequantize": torch.ops.tinykern.q4k_dequantize, "q8_0_dequantize": torch.ops.tinykern.q8_0_dequantize}
     if backend == "triton":
         def matmul(x, w, bias):
             return x.new_empty((x.shape[0], w.shape[0]))
 
         # Implicit GEMM: the conv's output only (the stand-in dense weight is made untraced).
         conv = _outside_weight
-        return {"q4k_matmul": matmul, "q8_0_matmul": matmul, "q4k_conv2d": conv, "q4k_conv2d_grouped": conv}
+        return {"q4k_matmul": matmul, "q8_0_matmul": matmul, "q4k_conv2d": conv, "q4k_conv2d_grouped": conv, **dequantize}
 
     def dense_matmul(fmt):
         def run(x, w, bias):
@@ -225,7 +227,7 @@ def kernel_models(backend):
         return run
 
     return {"q4k_matmul": dense_matmul(q4k), "q8_0_matmul": dense_matmul(q8_0), "q4k_conv2d": native.q4k_conv2d,
-            "q4k_conv2d_grouped": native.q4k_conv2d}
+            "q4k_conv2d_grouped": native.q4k_conv2d, **dequantize}
 
 
 def _outside_weight(x, w, bias, kernel_size, stride, padding, dilation, groups):

@@ -108,14 +108,16 @@ class TinySDPipeline(StableDiffusionPipeline):
             self._tinykern_loras = []
         return self._tinykern_loras
 
-    def load_lora(self, source, scale=1.0, merge=False, name=None):
+    def load_lora(self, source, scale=1.0, merge=False, name=None, factor_format=None):
         """Apply a LoRA file (`~` expanded) or state dict to the UNet and text encoder, its
         factors in the pipeline's dtype; returns its handle (set_scale, remove). merge=True
         re-quantizes packed weights, which changes the LoRA's effect by about the format's
-        error over the LoRA's relative size (see tinykern.pipelines.sd.lora)."""
+        error over the LoRA's relative size (see tinykern.pipelines.sd.lora). factor_format="q8_0"
+        holds unmerged factors in Q8_0 (about half the bytes)."""
         from tinykern.pipelines.sd.lora import load_lora
 
-        lora = load_lora({"unet": self.unet, "text_encoder": self.text_encoder}, source, scale, merge, name)
+        lora = load_lora({"unet": self.unet, "text_encoder": self.text_encoder}, source, scale, merge, name,
+                         factor_format=factor_format)
         self.loras.append(lora)
         return lora
 
