@@ -79,6 +79,9 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
         vae_device = torch.device("cpu") if vae_on_cpu else device
         # The CPU decodes in float32: half-precision convs are slow or missing there.
         move(parts["vae"], vae_device, torch.float32 if vae_device.type == "cpu" else dtype)
+        if vae_device.type != "cpu":  # text to image only decodes: the encoder stays on the CPU
+            move(parts["vae"].encoder, "cpu", torch.float32)
+            move(parts["vae"].quant_conv, "cpu", torch.float32)
         pipe = TinySDPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                               unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
                               feature_extractor=None, requires_safety_checker=False)

@@ -302,6 +302,7 @@ def plan(pipe, width=512, height=512, guidance=7.5, backend="triton", attention=
     names = {m: f"unet.{n}" if n else "unet" for n, m in unet.named_modules()}
     names.update({m: f"text_encoder.{n}" if n else "text_encoder" for n, m in text_encoder.named_modules()})
     names.update({m: f"vae.{n}" if n else "vae" for n, m in vae.named_modules()})
+    names.update({branch: f"lora:{key}" for lora in pipe.loras for key, branch in lora.branches.items()})
     meta = torch.device("meta")
     latent_h, latent_w = height // 8, width // 8
     tokens = pipe.tokenizer.model_max_length

@@ -148,6 +148,6 @@ class TinySDPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def decode(self, latents):
         """Latents (any device) -> images in [-1, 1] on the VAE's device."""
-        vae_param = next(self.vae.parameters())
+        vae_param = next(self.vae.decoder.parameters())
         latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents, return_dict=False)[0]
