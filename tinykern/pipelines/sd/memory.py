@@ -205,8 +205,11 @@ def kernel_models(backend):
     from tinykern.formats import q4k, q8_0
     from tinykern.kernels import native
 
-    if backend not in ("triton", "cuda", "torch"):
-        raise ValueError(f"backend must be 'triton', 'cuda' or 'torch', got {backend!r}")
+    if backend not in ("triton", "cuda", "torch", "cpu"):
+        raise ValueError(f"backend must be 'triton', 'cuda', 'torch' or 'cpu', got {backend!r}")
+    if backend == "cpu":  # the CPU kernels themselves: on meta tensors their fake kernels run
+        return {op: backends._IMPLS[(op, "cpu")] for op in ("q4k_matmul", "q8_0_matmul", "q4k_conv2d",
+                                                             "q4k_conv2d_grouped", "q4k_dequantize", "q8_0_dequantize")}
     # The dequantize kernels allocate their output only (the native ops' fake kernels).
     dequantize = {"q4k_dequantize": torch.ops.tinykern.q4k_dequantize, "q8_0_dequantize": torch.ops.tinykern.q8_0_dequantize}
     if backend == "triton":
@@ -239,12 +242,13 @@ def _outside_weight(x, w, bias, kernel_size, stride, padding, dilation, groups):
 class AttentionModel(torch.overrides.TorchFunctionMode):
     """Routes F.scaled_dot_product_attention on meta tensors to the kernel a GPU would run:
     "flash" (fp16/bf16, head dim a multiple of 8 up to 256, no mask), else "efficient";
-    "math" keeps the decomposition that materializes the scores."""
+    "math" keeps the decomposition that materializes the scores; "cpu" is the CPU's fused
+    kernel (to compare a meta trace with a real CPU run)."""
 
     def __init__(self, kind="flash"):
         super().__init__()
-        if kind not in ("flash", "efficient", "math"):
-            raise ValueError(f"attention must be 'flash', 'efficient' or 'math', got {kind!r}")
+        if kind not in ("flash", "efficient", "math", "cpu"):
+            raise ValueError(f"attention must be 'flash', 'efficient', 'math' or 'cpu', got {kind!r}")
         self.kind = kind
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -254,6 +258,8 @@ class AttentionModel(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _fused(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if self.kind == "cpu" and attn_mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, dropout_p, is_causal, scale=scale)[0]
         flash = (self.kind == "flash" and attn_mask is None and q.dtype in (torch.float16, torch.bfloat16)
                  and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
         if flash:

@@ -39,7 +39,7 @@ class Slicing:
     UNet's resnets, transformers and upsamplers; vae_pixels: the same for the VAE decoder."""
 
     unet_tokens: int = 1024
-    vae_pixels: int = 4096
+    vae_pixels: int = 2048
     vae_recompute: bool = True
 
     def __post_init__(self):
