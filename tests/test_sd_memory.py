@@ -292,3 +292,18 @@ def test_q8_factor_format_is_checked():
     pipe = tiny_pipeline()
     with pytest.raises(ValueError, match="factor_format"):
         pipe.load_lora(memory.synthetic_lora(pipe, 2, device="cpu"), factor_format="q4_k")
+
+
+@pytest.mark.parametrize("layers", [None, 1, 2])
+def test_outer_blocks_on_their_own_steps_features_give_the_full_step(layers):
+    """The partial step's code, fed the deep features its own full step kept, is the full step."""
+    from tinykern.pipelines.sd import rehash
+
+    pipe = tiny_pipeline(False)
+    hook = rehash.enable(pipe.unet, 2, layers)
+    torch.manual_seed(4)
+    x, context, t = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32), torch.tensor(300)
+    with torch.no_grad():
+        full = pipe.unet(x, t, encoder_hidden_states=context).sample
+        outer = rehash.outer_forward(pipe.unet, x, t, context, hook.cache[0][0], layers=layers)
+    torch.testing.assert_close(outer, full, rtol=1e-5, atol=1e-5)

@@ -79,6 +79,8 @@ def _memory_arguments(parser):
     parser.add_argument("--slice", default="auto", metavar="off|on|auto|unet=N,vae=M",
                         help="feature slicing with operator grouping (default auto: on for CUDA, off on the CPU)")
     parser.add_argument("--rehash", type=int, metavar="N", help="step rehash: a full UNet step every N (default off)")
+    parser.add_argument("--rehash-layers", type=int, metavar="K",
+                        help="between full steps recompute only the last K resnets of the last up block (default: all of it)")
     parser.add_argument("--lora-format", choices=("fp16", "q8_0"), default="fp16",
                         help="unmerged LoRA factors in the model's dtype (fp16 on a GPU) or Q8_0")
 
@@ -104,6 +106,7 @@ def memory(args):
         loras = [checks.existing("--lora", path, "file") for path in args.lora]
         checks.at_least("--lora-rank", args.lora_rank, 1)
         checks.at_least("--rehash", args.rehash, 1)
+        checks.at_least("--rehash-layers", args.rehash_layers, 1)
         slicing = _slicing(args.slice, cuda=True)
         pipe = planner.meta_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense,
                                      vae_on_gpu=not args.vae_on_cpu)
@@ -114,7 +117,7 @@ def memory(args):
             pipe.load_lora(planner.synthetic_lora(pipe, args.lora_rank), merge=args.merge_lora, factor_format=factor_format)
     pipe.enable_sequential_cfg(args.sequential_cfg)
     pipe.enable_slicing(slicing)
-    pipe.enable_rehash(args.rehash)
+    pipe.enable_rehash(args.rehash, args.rehash_layers)
     width, height = args.size
     result = planner.plan(pipe, width, height, args.guidance, backend=args.backend, attention=args.attention, arch=args.arch)
     print(result.report())
@@ -171,6 +174,7 @@ def generate(args):
         checks.at_least("--guidance", args.guidance, 0)
         loras = [_lora_spec(spec) for spec in args.lora]
         checks.at_least("--rehash", args.rehash, 1)
+        checks.at_least("--rehash-layers", args.rehash_layers, 1)
         cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         slicing = _slicing(args.slice, cuda)
         factor_format = None if args.lora_format == "fp16" else args.lora_format
@@ -184,7 +188,7 @@ def generate(args):
         for path, scale in loras:
             pipe.load_lora(path, scale, merge=args.merge_lora, factor_format=factor_format)
         pipe.enable_slicing(slicing)
-        pipe.enable_rehash(args.rehash)
+        pipe.enable_rehash(args.rehash, args.rehash_layers)
     call = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
     if args.preset:
         call.update(apply_preset(pipe, args.preset))
@@ -233,7 +237,7 @@ def _predict(args, loras, slicing, factor_format, vae_on_gpu):
         pipe.load_lora(planner.lora_from_file_meta(path), scale, merge=args.merge_lora, factor_format=factor_format)
     pipe.enable_sequential_cfg(args.sequential_cfg)
     pipe.enable_slicing(slicing)
-    pipe.enable_rehash(args.rehash)
+    pipe.enable_rehash(args.rehash, args.rehash_layers)
     width, height = args.size
     return planner.plan(pipe, width, height, args.guidance if args.guidance is not None else DEFAULT_GUIDANCE)
 

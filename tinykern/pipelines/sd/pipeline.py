@@ -94,12 +94,13 @@ class TinySDPipeline(StableDiffusionPipeline):
         hook = getattr(self.unet, "_tinykern_rehash", None)
         return hook.interval if hook is not None else None
 
-    def enable_rehash(self, interval):
+    def enable_rehash(self, interval, layers=None):
         """Step rehash: a full UNet step every `interval` steps, only the outer blocks on the
-        steps between (None: off). See tinykern.pipelines.sd.rehash."""
+        steps between (None: off); layers=k recomputes only the last k resnets of the last up
+        block (cheaper, coarser). See tinykern.pipelines.sd.rehash."""
         from tinykern.pipelines.sd import rehash
 
-        rehash.enable(self.unet, interval)
+        rehash.enable(self.unet, interval, layers)
 
     @property
     def loras(self):
