@@ -307,3 +307,50 @@ def test_outer_blocks_on_their_own_steps_features_give_the_full_step(layers):
         full = pipe.unet(x, t, encoder_hidden_states=context).sample
         outer = rehash.outer_forward(pipe.unet, x, t, context, hook.cache[0][0], layers=layers)
     torch.testing.assert_close(outer, full, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cli(*argv):
+    import argparse
+
+    from tinykern.pipelines.sd import cli
+
+    parser = argparse.ArgumentParser(prog="tinykern")
+    cli.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sd", *map(str, argv)])
+    args.func(args)
+
+
+def test_cli_memory_prints_the_plan(meta_tiny, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    _cli("memory", "--model", meta_tiny, "--size", "64x48", "--guidance", "7.5", "--lora-rank", "4",
+         "--lora-format", "q8_0", "--slice", "unet=16,vae=64", "--rehash", "3", "--json", out)
+    text = capsys.readouterr().out
+    for part in ("weights (resident on the GPU)", "lora branches", "largest activations in denoise",
+                 "cuBLAS workspace", "predicted peak allocated"):
+        assert part in text
+    import json
+
+    plan = json.loads(out.read_text())
+    assert plan["settings"]["rehash"] == 3 and plan["weights"]["lora branches"] > 0
+
+
+def test_cli_memory_refuses_a_bad_slice(meta_tiny, capsys):
+    with pytest.raises(SystemExit) as e:
+        _cli("memory", "--model", meta_tiny, "--slice", "rows=2")
+    assert e.value.code == 2
+    assert "--slice" in capsys.readouterr().err
+
+
+def test_cli_generate_with_slicing_and_rehash(tmp_path, capsys):
+    from tinykern.pipelines.sd.testing import write_diffusers_folder
+
+    folder = write_diffusers_folder(tmp_path / "model", *tiny_components())
+    out = tmp_path / "image.png"
+    _cli("generate", "--model", folder, "--prompt", "a cat", "--steps", "3", "--size", "16x16", "--device", "cpu",
+         "--dense", "--slice", "on", "--rehash", "2", "--out", out)
+    assert out.exists()
+    assert "16x16" in capsys.readouterr().out
