@@ -37,7 +37,7 @@ def sd15_config_dir():
 
 
 def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, config=None, vae_on_cpu=True,
-                  vae_tiling=False, sequential_cfg=False):
+                  vae_tiling=False, sequential_cfg=False, slicing=None):
     """A TinySDPipeline for the SD1.x model at `path`, nothing downloaded.
 
     path: a diffusers folder (unet/, text_encoder/, vae/, ...), an LDM single-file .safetensors,
@@ -52,6 +52,8 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
     vae_on_cpu: decode on the CPU (latents are moved there); False puts the VAE on `device`.
     vae_tiling: with the VAE on a GPU, decode in tiles.
     sequential_cfg: run the unconditional and conditional UNet passes one after the other.
+    slicing: feature slicing with operator grouping (True, a tinykern.pipelines.sd.slicing.Slicing,
+        or None: off); see TinySDPipeline.enable_slicing.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -89,6 +91,8 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
         pipe.enable_vae_tiling()
     if sequential_cfg:
         pipe.enable_sequential_cfg()
+    if slicing:
+        pipe.enable_slicing(slicing)
     return pipe
 
 
