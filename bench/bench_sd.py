@@ -136,6 +136,14 @@ def test_sd15_generation_512(benchmark, note):
 # Issue #20: memory planner, slicing, rehash
 
 
+def chunk_feed_forward(unet, tokens=64):
+    """diffusers' per-operator slicing: every feed-forward in chunks of `tokens` (64 divides
+    every SD level's token count at 512 and 1024), outputs concatenated whole."""
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(tokens, 1)
+
+
 def planned(lora_rank=64, slicing=True, size=512, guidance=7.5, rehash=None, chunking=False, lora_format="q8_0",
             vae_on_gpu=True):
     """The memory planner's MemoryPlan of SD1.5 in tinykern's layout (meta device)."""
@@ -146,7 +154,7 @@ def planned(lora_rank=64, slicing=True, size=512, guidance=7.5, rehash=None, chu
         pipe.load_lora(memory.synthetic_lora(pipe, lora_rank), factor_format=None if lora_format == "fp16" else lora_format)
     pipe.enable_slicing(slicing)
     if chunking:
-        pipe.unet.enable_forward_chunking(chunk_size=1, dim=1)
+        chunk_feed_forward(pipe.unet)
     pipe.enable_rehash(rehash)
     return memory.plan(pipe, size, size, guidance)
 
@@ -294,7 +302,7 @@ def gpu_configs(steps=2, sizes=(512, 1024)):
             pipe = _random_pipeline(True, vae_on_gpu=True)
             pipe.enable_slicing(options["slicing"])
             if options.get("chunking"):
-                pipe.unet.enable_forward_chunking(chunk_size=1, dim=1)
+                chunk_feed_forward(pipe.unet)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             pipe("a photo", num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")

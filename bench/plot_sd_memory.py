@@ -27,7 +27,7 @@ def collect():
         for label, options in bench_sd.CONFIGS.items():
             rows.append((label, size, 0, "fp16", bench_sd.planned(0, size=size, **options)))
     for fmt in ("fp16", "q8_0"):
-        rows.append((f"bar: slicing + grouping, rank-64 LoRA ({fmt})", 512, 64, fmt,
+        rows.append((f"slicing + grouping\n+ rank-64 LoRA {fmt}", 512, 64, fmt,
                      bench_sd.planned(64, True, 512, lora_format=fmt)))
     return rows
 
@@ -42,7 +42,7 @@ def main():
     (out / "sd15-memory-plan.json").write_text(json.dumps(record, indent=1))
     for label, size, rank, fmt, plan in rows:
         phases = ", ".join(f"{p.name} {p.peak / MiB:.1f}" for p in plan.phases)
-        print(f"{label:<48} {size:>5}  weights {plan.weight_bytes / MiB:7.1f} MiB, activations ({phases}) MiB, "
+        print(f"{label.replace(chr(10), ' '):<48} {size:>5}  weights {plan.weight_bytes / MiB:7.1f} MiB, activations ({phases}) MiB, "
               f"peak {plan.peak / MiB:7.1f} MiB = {plan.peak / 1e9:.3f} GB")
 
     import matplotlib
@@ -50,7 +50,7 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 5.2))
+    fig, ax = plt.subplots(figsize=(11, 5.6))
     names = [f"{label}\n{size}x{size}" for label, size, *_ in rows]
     weights = [plan.weight_bytes / 1e9 for *_, plan in rows]
     unet = [plan.phase("denoise").peak / 1e9 for *_, plan in rows]
