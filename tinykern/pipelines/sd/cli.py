@@ -239,7 +239,9 @@ def _predict(args, loras, slicing, factor_format, vae_on_gpu):
     pipe.enable_slicing(slicing)
     pipe.enable_rehash(args.rehash, args.rehash_layers)
     width, height = args.size
-    return planner.plan(pipe, width, height, args.guidance if args.guidance is not None else DEFAULT_GUIDANCE)
+    guidance = args.guidance if args.guidance is not None else (PRESETS[args.preset].guidance if args.preset
+                                                                 else DEFAULT_GUIDANCE)
+    return planner.plan(pipe, width, height, guidance)
 
 
 def _has_scale(spec):
