@@ -124,14 +124,29 @@ def group_norm_stats(x, norm, slices):
     return mean, torch.rsqrt(m2 / count + norm.eps)
 
 
-def group_norm_apply(x, norm, mean, rstd):
-    """GroupNorm of x [1, C, h, W] (a slice of one image) with that image's mean, rstd [groups]."""
-    channels = x.shape[1]
-    y = x.float().reshape(norm.num_groups, channels // norm.num_groups, *x.shape[2:])
-    y = ((y - mean[:, None, None, None]) * rstd[:, None, None, None]).reshape(1, channels, *x.shape[2:])
-    if norm.affine:
-        y = y * norm.weight.float()[:, None, None] + norm.bias.float()[:, None, None]
-    return y.to(x.dtype)
+def group_norm_apply(x, norm, mean, rstd, chunks=4):
+    """GroupNorm of x [1, C, h, W] (a slice of one image) with that image's mean, rstd [groups],
+    computed in float32 a quarter of the groups at a time (in place on one float32 copy)."""
+    channels, groups = x.shape[1], norm.num_groups
+    per = channels // groups
+    out = torch.empty_like(x)
+    step = max(1, groups // chunks)
+    for g0 in range(0, groups, step):
+        g1 = min(g0 + step, groups)
+        c0, c1 = g0 * per, g1 * per
+        y = x[:, c0:c1].to(torch.float32, copy=True).reshape(g1 - g0, per, *x.shape[2:])
+        y.sub_(mean[g0:g1, None, None, None]).mul_(rstd[g0:g1, None, None, None])
+        y = y.reshape(1, c1 - c0, *x.shape[2:])
+        if norm.affine:
+            y.mul_(norm.weight[c0:c1].float()[:, None, None]).add_(norm.bias[c0:c1].float()[:, None, None])
+        out[:, c0:c1] = y
+        del y
+    return out
+
+
+def _act(module, x):
+    """module's activation on x, in place when it is SiLU (x is a temporary of the slice)."""
+    return F.silu(x, inplace=True) if isinstance(module, nn.SiLU) else module(x)
 
 
 def _halo(conv):
@@ -172,7 +187,7 @@ class _SlicedResnet(ModelHook):
         h = x.new_empty(batch, module.conv1.out_channels, height, width)
         for b, r0, r1 in slices:
             lo, hi = max(r0 - p1, 0), min(r1 + p1, height)
-            a = module.nonlinearity(group_norm_apply(x[b:b + 1, :, lo:hi], module.norm1, mean[b], rstd[b]))
+            a = _act(module.nonlinearity, group_norm_apply(x[b:b + 1, :, lo:hi], module.norm1, mean[b], rstd[b]))
             c = _rows_of(module.conv1, a, r0, r1, lo)
             del a
             h[b:b + 1, :, r0:r1] = c + time[b:b + 1] if time is not None else c
@@ -182,7 +197,7 @@ class _SlicedResnet(ModelHook):
         out = x if self.inplace and shortcut is None else x.new_empty(batch, h.shape[1], height, width)
         for b, r0, r1 in slices:
             lo, hi = max(r0 - p2, 0), min(r1 + p2, height)
-            a = module.nonlinearity(group_norm_apply(h[b:b + 1, :, lo:hi], module.norm2, mean[b], rstd[b]))
+            a = _act(module.nonlinearity, group_norm_apply(h[b:b + 1, :, lo:hi], module.norm2, mean[b], rstd[b]))
             c = _rows_of(module.conv2, module.dropout(a), r0, r1, lo)
             del a
             skip = x[b:b + 1, :, r0:r1]
@@ -378,7 +393,7 @@ class _SlicedDecoder(ModelHook):
         out = None
         for b, r0, r1 in slices:
             lo, hi = max(r0 - p, 0), min(r1 + p, height)
-            a = module.conv_act(group_norm_apply(source.rows(b, lo, hi), module.conv_norm_out, mean[b], rstd[b]))
+            a = _act(module.conv_act, group_norm_apply(source.rows(b, lo, hi), module.conv_norm_out, mean[b], rstd[b]))
             c = _rows_of(module.conv_out, a, r0, r1, lo)
             del a
             if out is None:
@@ -481,7 +496,7 @@ def resnet_recomputed(module, source, pixels):
 
     def conv1_rows(b, r0, r1):
         lo, hi = max(r0 - p1, 0), min(r1 + p1, height)
-        a = module.nonlinearity(group_norm_apply(source.rows(b, lo, hi), module.norm1, mean1[b], rstd1[b]))
+        a = _act(module.nonlinearity, group_norm_apply(source.rows(b, lo, hi), module.norm1, mean1[b], rstd1[b]))
         return _rows_of(module.conv1, a, r0, r1, lo)
 
     mean2, rstd2 = _stream_stats(conv1_rows, module.norm2, slices, batch)
@@ -489,7 +504,7 @@ def resnet_recomputed(module, source, pixels):
     out = source if inplace else None
     for b, r0, r1 in slices:
         lo, hi = max(r0 - p2, 0), min(r1 + p2, height)
-        a = module.nonlinearity(group_norm_apply(conv1_rows(b, lo, hi), module.norm2, mean2[b], rstd2[b]))
+        a = _act(module.nonlinearity, group_norm_apply(conv1_rows(b, lo, hi), module.norm2, mean2[b], rstd2[b]))
         c = _rows_of(module.conv2, module.dropout(a), r0, r1, lo)
         del a
         skip = source.rows(b, r0, r1)
