@@ -35,7 +35,9 @@ def add_parser(subparsers):
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the preset's, else the model's")
     gen.add_argument("--size", type=_size, default=(512, 512), metavar="WxH", help="image size (default 512x512)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--vae-on-gpu", action="store_true", help="decode on the GPU in tiles instead of on the CPU")
+    gen.add_argument("--vae-on-gpu", action="store_true",
+                     help="decode on the GPU (sliced; in tiles with --slice off); default on CUDA when the planned peak fits")
+    gen.add_argument("--vae-on-cpu", action="store_true", help="decode on the CPU")
     gen.add_argument("--sequential-cfg", action="store_true", help="run the two CFG passes one after the other")
     _memory_arguments(gen)
     gen.add_argument("--out", required=True, help="output image (.png, .jpg, ...)")
@@ -180,7 +182,8 @@ def generate(args):
         factor_format = None if args.lora_format == "fp16" else args.lora_format
         predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=True) if cuda else None
         # The VAE decodes on the GPU when asked, or by default when the planned peak fits the GPU.
-        vae_on_gpu = args.vae_on_gpu or (predicted is not None and predicted.peak <= 0.9 * torch.cuda.mem_get_info()[0])
+        vae_on_gpu = not args.vae_on_cpu and (args.vae_on_gpu or (
+            predicted is not None and predicted.peak <= 0.9 * torch.cuda.mem_get_info()[0]))
         if cuda and not vae_on_gpu:
             predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=False)
         pipe = _load(args, vae_on_cpu=not vae_on_gpu, vae_tiling=args.vae_on_gpu and slicing is None,
