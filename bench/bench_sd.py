@@ -4,9 +4,21 @@ seconds per step against diffusers in fp16 on the same GPU.
 
     python -m pytest bench/bench_sd.py --benchmark-only -rs   # with the other benchmarks
     python bench/bench_sd.py [--steps 20]                     # standalone; GPU figures -> bench/results/
+    python bench/bench_sd.py --gpu                            # issue #20's bar on a GPU -> bench/results/
+    python bench/bench_sd.py --cpu-rehash [--repeats 3]       # step rehash on the CPU -> bench/results/
+
+--gpu: SD1.5 at 512x512, 25 steps, CFG 7.5, a rank-64 LoRA (Q8_0 factors, unmerged) on every
+UNet and text-encoder Linear and Conv, VAE on the GPU, slicing on: torch.cuda.max_memory_allocated
+against the memory planner's prediction, then the same run with step rehash 3 (UNet time
+ratio), then peak memory without slicing / with diffusers' per-operator chunking / with
+tinykern's slicing and grouping at 512 and 1024.
+--cpu-rehash: the full-size Q4_K UNet (random weights) at 256x256, CFG batch 2, 25 DDIM steps,
+full and rehash runs interleaved: medians and spread of the UNet wall time, the final latent's
+relative difference, and the UNet FLOPs saved (counted on the meta device).
 """
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -60,14 +72,17 @@ def sizes():
     return result
 
 
-def _random_pipeline(quantized):
+def _random_pipeline(quantized, vae_on_gpu=False):
     """SD1.5 with diffusers' random initialization: tinykern's layout (quantized on the GPU block
-    by block, VAE on the CPU) or diffusers' fp16 everything-on-GPU."""
+    by block, VAE on the CPU, or its decoder on the GPU) or diffusers' fp16 everything-on-GPU."""
     unet, text_encoder, vae = _build("cpu", torch.float32)
     layout = SDQuantConfig() if quantized else SDQuantConfig(None, None)
     quantize_on(unet, layout.unet_config(), "cuda", torch.float16)
     quantize_on(text_encoder, layout.text_encoder_config(), "cuda", torch.float16)
     move(vae, "cpu" if quantized else "cuda", torch.float32 if quantized else torch.float16)
+    if quantized and vae_on_gpu:
+        move(vae.decoder, "cuda", torch.float16)
+        move(vae.post_quant_conv, "cuda", torch.float16)
     scheduler = make_scheduler("ddim", _configs()[3])
     pipe = TinySDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -117,12 +132,229 @@ def test_sd15_generation_512(benchmark, note):
          f"diffusers fp16 {theirs['peak_vram_bytes'] / 1e9:.2f} GB, {theirs['s_per_step']:.3f} s/step")
 
 
+# ---------------------------------------------------------------------------------------------
+# Issue #20: memory planner, slicing, rehash
+
+
+def chunk_feed_forward(unet, tokens=64):
+    """diffusers' per-operator slicing: every feed-forward in chunks of `tokens` (64 divides
+    every SD level's token count at 512 and 1024), outputs concatenated whole."""
+    for module in unet.modules():
+        if hasattr(module, "set_chunk_feed_forward"):
+            module.set_chunk_feed_forward(tokens, 1)
+
+
+def planned(lora_rank=64, slicing=True, size=512, guidance=7.5, rehash=None, chunking=False, lora_format="q8_0",
+            vae_on_gpu=True):
+    """The memory planner's MemoryPlan of SD1.5 in tinykern's layout (meta device)."""
+    from tinykern.pipelines.sd import memory
+
+    pipe = memory.meta_pipeline(vae_on_gpu=vae_on_gpu)
+    if lora_rank:
+        pipe.load_lora(memory.synthetic_lora(pipe, lora_rank), factor_format=None if lora_format == "fp16" else lora_format)
+    pipe.enable_slicing(slicing)
+    if chunking:
+        chunk_feed_forward(pipe.unet)
+    pipe.enable_rehash(rehash)
+    return memory.plan(pipe, size, size, guidance)
+
+
+def rehash_flops(size=512, steps=25, interval=3, layers=None):
+    """UNet FLOPs of `steps` CFG steps (batch 2) at size x size, full and with step rehash
+    (recomputing the whole last up block, or its last `layers` resnets)."""
+    from tinykern.pipelines.sd.rehash import unet_flops
+
+    unet, _, _ = _build("meta", torch.float16)
+    latent = size // 8
+    x = torch.empty(2, 4, latent, latent, device="meta", dtype=torch.float16)
+    context = torch.empty(2, 77, 768, device="meta", dtype=torch.float16)
+    t = torch.tensor(999, device="meta")
+    last = unet.up_blocks[-1]
+    k = min(layers or len(last.resnets), len(last.resnets))
+    channels = (last.resnets[0].in_channels - unet.config.block_out_channels[0] if k == len(last.resnets)
+                else last.resnets[len(last.resnets) - k - 1].out_channels)
+    deep = torch.empty(2, channels, latent, latent, device="meta", dtype=torch.float16)
+    full, outer = unet_flops(unet, x, t, context), unet_flops(unet, x, t, context, deep=deep, layers=layers)
+    full_steps = -(-steps // interval)
+    total = full * steps
+    rehashed = full * full_steps + outer * (steps - full_steps)
+    return {"size": size, "steps": steps, "interval": interval, "layers": layers, "full_step_flops": full,
+            "outer_step_flops": outer,
+            "full_steps": full_steps, "saved_fraction": 1 - rehashed / total}
+
+
+def _random_q4k_unet():
+    """The full-size UNet in tinykern's layout on the CPU with random weights, built without the
+    CPU quantizer (minutes at this size): every packed row holds valid Q4_K blocks of a Gaussian
+    (the same 64 blocks tiled), dense weights are Gaussian, norms 1 and 0."""
+    from diffusers import UNet2DConditionModel
+
+    from tinykern.formats import q4k
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_configs()[0])
+    quantize_(unet, SDQuantConfig().unet_config())
+    unet = unet.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(0)
+    blocks = q4k.quantize(torch.randn(64, q4k.BLOCK, generator=gen) * 0.02)
+    with torch.no_grad():
+        for name, tensor in [*unet.named_parameters(), *unet.named_buffers()]:
+            if tensor.dtype == torch.uint8:
+                rows = tensor.view(-1, q4k.BLOCK_BYTES)
+                rows.copy_(blocks.repeat(-(-rows.shape[0] // 64), 1)[:rows.shape[0]])
+            elif "norm" in name:
+                tensor.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif tensor.is_floating_point():
+                tensor.normal_(0, 0.02, generator=gen)
+    return unet
+
+
+def rehash_cpu(size=256, steps=25, interval=3, repeats=3, guidance=7.5):
+    """Wall time of the full-size Q4_K UNet's `steps` DDIM steps with CFG on the CPU, full and
+    with step rehash, runs interleaved (full, rehash, full, ...): medians, spread, latents."""
+    from tinykern.bench import machine
+    from tinykern.pipelines.sd import rehash
+
+    unet = _random_q4k_unet()
+    scheduler = make_scheduler("ddim", _configs()[3])
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randn(2, 77, 768, generator=gen)
+    start = torch.randn(1, 4, size // 8, size // 8, generator=gen)
+
+    def run(interval_):
+        hook = rehash.enable(unet, interval_)
+        scheduler.set_timesteps(steps)
+        latents = start * scheduler.init_noise_sigma
+        seconds = 0.0
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                t0 = time.perf_counter()
+                noise = unet(torch.cat([latents] * 2), t, encoder_hidden_states=context).sample
+                seconds += time.perf_counter() - t0
+                uncond, cond = noise.chunk(2)
+                latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+        counts = (hook.full_steps, hook.partial_steps) if hook else (steps, 0)
+        rehash.enable(unet, None)
+        return seconds, latents, counts
+
+    full, hashed = [], []
+    for _ in range(repeats):
+        full.append(run(None))
+        hashed.append(run(interval))
+    f, h = sorted(r[0] for r in full), sorted(r[0] for r in hashed)
+    ref, approx = full[0][1], hashed[0][1]
+    return {"size": size, "steps": steps, "interval": interval, "repeats": repeats, "guidance": guidance,
+            "full_s": f, "rehash_s": h, "full_median_s": f[len(f) // 2], "rehash_median_s": h[len(h) // 2],
+            "ratio_median": h[len(h) // 2] / f[len(f) // 2], "full_and_partial_steps": hashed[0][2],
+            "latent_relative_difference": ((approx - ref).norm() / ref.norm()).item(),
+            "latents_finite": bool(torch.isfinite(ref).all() and torch.isfinite(approx).all()),
+            "cpu": machine.device_name("cpu"), "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg(),
+            "versions": machine.versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def gpu_bar(steps=25, lora_rank=64, size=512):
+    """Issue #20's bar on the GPU: peak allocated (measured and predicted) and UNet seconds,
+    full and with rehash 3."""
+    from tinykern.pipelines.sd import memory
+
+    pipe = _random_pipeline(True, vae_on_gpu=True)
+    pipe.load_lora(memory.synthetic_lora(pipe, lora_rank, device="cpu"), factor_format="q8_0")
+    pipe.enable_slicing(True)
+    call = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")
+    pipe("warm-up", **{**call, "num_inference_steps": 2})
+    result = {}
+    for label, interval, layers in (("full", None, None), ("rehash3", 3, None), ("rehash3_layers2", 3, 2)):
+        pipe.enable_rehash(interval, layers)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        ends = []
+
+        def on_step_end(pipe_, step, timestep, kwargs):
+            torch.cuda.synchronize()
+            ends.append(time.perf_counter())
+            return kwargs
+
+        t0 = time.perf_counter()
+        pipe("a photo of an astronaut riding a horse", callback_on_step_end=on_step_end, **call)
+        torch.cuda.synchronize()
+        result[label] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+                         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
+                         "denoise_s": ends[-1] - t0, "total_s": time.perf_counter() - t0}
+    predicted = planned(lora_rank, True, size)
+    result["predicted_peak_bytes"] = predicted.peak
+    result["predicted"] = predicted.to_json()
+    result["unet_time_ratio_rehash3"] = result["rehash3"]["denoise_s"] / result["full"]["denoise_s"]
+    result["unet_time_ratio_rehash3_layers2"] = result["rehash3_layers2"]["denoise_s"] / result["full"]["denoise_s"]
+    del pipe
+    torch.cuda.empty_cache()
+    return result
+
+
+CONFIGS = {"no slicing": dict(slicing=None), "slicing (per operator)": dict(slicing=None, chunking=True),
+           "slicing + grouping": dict(slicing=True)}
+
+
+def gpu_configs(steps=2, sizes=(512, 1024)):
+    """Measured peak allocated per configuration (no LoRA, CFG, VAE decoder on the GPU)."""
+    out = {}
+    for size in sizes:
+        for label, options in CONFIGS.items():
+            pipe = _random_pipeline(True, vae_on_gpu=True)
+            pipe.enable_slicing(options["slicing"])
+            if options.get("chunking"):
+                chunk_feed_forward(pipe.unet)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            pipe("a photo", num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np")
+            torch.cuda.synchronize()
+            out[f"{label} @ {size}"] = {"measured": torch.cuda.max_memory_allocated(),
+                                        "predicted": planned(0, size=size, **options).peak}
+            del pipe
+            torch.cuda.empty_cache()
+    return out
+
+
 def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--gpu", action="store_true", help="issue #20's bar and per-configuration peaks on the GPU")
+    parser.add_argument("--cpu-rehash", action="store_true", help="step rehash wall time on the CPU (full-size UNet)")
+    parser.add_argument("--size", type=int, default=256, help="--cpu-rehash image size")
+    parser.add_argument("--repeats", type=int, default=3, help="--cpu-rehash runs of each kind")
+    parser.add_argument("--rehash-steps", type=int, default=25, help="--cpu-rehash steps")
     args = parser.parse_args(argv)
+    if args.cpu_rehash:
+        from tinykern.bench import machine
+
+        record = rehash_cpu(args.size, args.rehash_steps, 3, args.repeats)
+        record["flops"] = [rehash_flops(size, 25, 3, layers) for size in (args.size, 512) for layers in (None, 2, 1)]
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"sd15-rehash-cpu-{machine.slug(record['cpu'])}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(json.dumps({k: v for k, v in record.items() if k != "versions"}, indent=1))
+        print(f"written to {path}")
+        return
+    if args.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("--gpu needs a CUDA GPU")
+        bar = gpu_bar()
+        configs = gpu_configs()
+        record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "bar": bar, "configs": configs,
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"sd15-memory-{torch.cuda.get_device_name().replace(' ', '_')}.json"
+        path.write_text(json.dumps(record, indent=1))
+        ok = bar["full"]["peak_allocated_bytes"] <= VRAM_TARGET_BYTES
+        print(f"bar: measured {bar['full']['peak_allocated_bytes'] / 1e9:.3f} GB ({'met' if ok else 'MISSED'}), "
+              f"predicted {bar['predicted_peak_bytes'] / 1e9:.3f} GB; UNet time rehash 3 / full "
+              f"{bar['unet_time_ratio_rehash3']:.2f}, with --rehash-layers 2 {bar['unet_time_ratio_rehash3_layers2']:.2f} "
+              "(target 0.6)")
+        for label, value in configs.items():
+            print(f"{label:<32} measured {value['measured'] / 2**20:8.1f} MiB, predicted {value['predicted'] / 2**20:8.1f} MiB")
+        print(f"written to {path}")
+        return
     size = sizes()
     for key, value in size.items():
         print(f"{key:<24} {value / 1e6:10.1f} MB")

@@ -25,6 +25,7 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 _IMPLS = {}
 _forced = contextvars.ContextVar("tinykern_backend", default=None)
 _exact = contextvars.ContextVar("tinykern_exact", default=False)
+_meta_impls = contextvars.ContextVar("tinykern_meta_impls", default=None)
 _loaded = set()
 # Modules that register implementations of each backend, imported on first use.
 _PROVIDERS = {
@@ -67,6 +68,17 @@ def backend(name, exact=False):
 def exact():
     """Whether the current context asked for fp32-exact CPU matmuls (see backend())."""
     return _exact.get()
+
+
+@contextlib.contextmanager
+def meta_implementations(impls):
+    """On meta tensors, run impls[op] (a function taking the op's arguments) for the ops it
+    names: a memory planner's model of what a device backend allocates (tinykern.memtrace)."""
+    token = _meta_impls.set(dict(impls))
+    try:
+        yield
+    finally:
+        _meta_impls.reset(token)
 
 
 def current():
@@ -120,6 +132,8 @@ def preload(name=None, device_types=None):
 def resolve(op, device):
     """(backend name, implementation) that runs `op` on `device` under the current setting."""
     device_type = device.type if hasattr(device, "type") else str(device)
+    if device_type == "meta" and op in (_meta_impls.get() or {}):
+        return "meta", _meta_impls.get()[op]
     wanted = current()
     if wanted != "auto":
         reason = unavailable_reason(wanted, device_type, op)

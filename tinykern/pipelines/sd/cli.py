@@ -35,10 +35,32 @@ def add_parser(subparsers):
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the preset's, else the model's")
     gen.add_argument("--size", type=_size, default=(512, 512), metavar="WxH", help="image size (default 512x512)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--vae-on-gpu", action="store_true", help="decode on the GPU in tiles instead of on the CPU")
+    gen.add_argument("--vae-on-gpu", action="store_true",
+                     help="decode on the GPU (sliced; in tiles with --slice off); default on CUDA when the planned peak fits")
+    gen.add_argument("--vae-on-cpu", action="store_true", help="decode on the CPU")
     gen.add_argument("--sequential-cfg", action="store_true", help="run the two CFG passes one after the other")
+    _memory_arguments(gen)
     gen.add_argument("--out", required=True, help="output image (.png, .jpg, ...)")
     gen.set_defaults(func=generate)
+
+    mem = commands.add_parser("memory", help="predict peak GPU memory per component (meta-device trace, no weights read)")
+    mem.add_argument("--model", help="diffusers or `sd quantize` folder (its configs), or a single file (SD1.5 configs)")
+    mem.add_argument("--config", help="config folder (default: the model's, else the shipped SD1.5 configs)")
+    mem.add_argument("--dense", action="store_true", help="plan dense weights (no quantization)")
+    mem.add_argument("--size", type=_size, default=(512, 512), metavar="WxH")
+    mem.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="> 1 plans CFG (UNet batch 2)")
+    mem.add_argument("--lora", action="append", default=[], metavar="FILE", help="LoRA safetensors (only shapes are read)")
+    mem.add_argument("--lora-rank", type=int, help="plan a rank-R LoRA on every UNet and text-encoder Linear and Conv")
+    mem.add_argument("--merge-lora", action="store_true", help="LoRAs merged into the weights (no branch)")
+    mem.add_argument("--sequential-cfg", action="store_true")
+    mem.add_argument("--vae-on-cpu", action="store_true", help="decode on the CPU (default: plan the VAE on the GPU)")
+    mem.add_argument("--backend", choices=("triton", "cuda", "torch"), default="triton",
+                     help="tinykern kernels whose allocations to model (default triton: what `auto` runs on a GPU with Triton)")
+    mem.add_argument("--attention", choices=("flash", "efficient", "math"), default="flash")
+    mem.add_argument("--arch", choices=("sm90", "sm80"), default="sm90", help="for the cuBLAS workspace size")
+    mem.add_argument("--json", help="also write the plan to this JSON file")
+    _memory_arguments(mem)
+    mem.set_defaults(func=memory)
 
     quant = commands.add_parser("quantize", help="write a pre-quantized model folder that loads in seconds")
     _model_arguments(quant)
@@ -53,6 +75,56 @@ def _model_arguments(parser):
     parser.add_argument("--unet", help="separate UNet file (.gguf, or .safetensors) replacing the model's UNet")
     parser.add_argument("--config", help="config folder for single files (default: the shipped SD1.5 configs)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+
+
+def _memory_arguments(parser):
+    parser.add_argument("--slice", default="auto", metavar="off|on|auto|unet=N,vae=M",
+                        help="feature slicing with operator grouping (default auto: on for CUDA, off on the CPU)")
+    parser.add_argument("--rehash", type=int, metavar="N", help="step rehash: a full UNet step every N (default off)")
+    parser.add_argument("--rehash-layers", type=int, metavar="K",
+                        help="between full steps recompute only the last K resnets of the last up block (default: all of it)")
+    parser.add_argument("--lora-format", choices=("fp16", "q8_0"), default="fp16",
+                        help="unmerged LoRA factors in the model's dtype (fp16 on a GPU) or Q8_0")
+
+
+def _slicing(text, cuda):
+    from tinykern.pipelines.sd.slicing import parse
+
+    if text.strip().lower() == "auto":
+        return parse("on") if cuda else None
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise ValueError(f"--slice: {e}") from None
+
+
+def memory(args):
+    from tinykern.pipelines.sd import memory as planner
+
+    with checks.one_line_errors("tinykern sd memory"):
+        if args.model is not None:
+            args.model = checks.existing("--model", args.model)
+        args.config = args.config and checks.existing("--config", args.config, "dir")
+        loras = [checks.existing("--lora", path, "file") for path in args.lora]
+        checks.at_least("--lora-rank", args.lora_rank, 1)
+        checks.at_least("--rehash", args.rehash, 1)
+        checks.at_least("--rehash-layers", args.rehash_layers, 1)
+        slicing = _slicing(args.slice, cuda=True)
+        pipe = planner.meta_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense,
+                                     vae_on_gpu=not args.vae_on_cpu)
+        factor_format = None if args.lora_format == "fp16" else args.lora_format
+        for path in loras:
+            pipe.load_lora(planner.lora_from_file_meta(path), merge=args.merge_lora, factor_format=factor_format)
+        if args.lora_rank:
+            pipe.load_lora(planner.synthetic_lora(pipe, args.lora_rank), merge=args.merge_lora, factor_format=factor_format)
+    pipe.enable_sequential_cfg(args.sequential_cfg)
+    pipe.enable_slicing(slicing)
+    pipe.enable_rehash(args.rehash, args.rehash_layers)
+    width, height = args.size
+    result = planner.plan(pipe, width, height, args.guidance, backend=args.backend, attention=args.attention, arch=args.arch)
+    print(result.report())
+    if args.json:
+        planner.save(result, args.json)
 
 
 def _size(text):
@@ -103,9 +175,23 @@ def generate(args):
         checks.at_least("--steps", args.steps, 1)
         checks.at_least("--guidance", args.guidance, 0)
         loras = [_lora_spec(spec) for spec in args.lora]
-        pipe = _load(args, vae_on_cpu=not args.vae_on_gpu, vae_tiling=args.vae_on_gpu, sequential_cfg=args.sequential_cfg)
+        checks.at_least("--rehash", args.rehash, 1)
+        checks.at_least("--rehash-layers", args.rehash_layers, 1)
+        cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+        slicing = _slicing(args.slice, cuda)
+        factor_format = None if args.lora_format == "fp16" else args.lora_format
+        predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=True) if cuda else None
+        # The VAE decodes on the GPU when asked, or by default when the planned peak fits the GPU.
+        vae_on_gpu = not args.vae_on_cpu and (args.vae_on_gpu or (
+            predicted is not None and predicted.peak <= 0.9 * torch.cuda.mem_get_info()[0]))
+        if cuda and not vae_on_gpu:
+            predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=False)
+        pipe = _load(args, vae_on_cpu=not vae_on_gpu, vae_tiling=args.vae_on_gpu and slicing is None,
+                     sequential_cfg=args.sequential_cfg)
         for path, scale in loras:
-            pipe.load_lora(path, scale, merge=args.merge_lora)
+            pipe.load_lora(path, scale, merge=args.merge_lora, factor_format=factor_format)
+        pipe.enable_slicing(slicing)
+        pipe.enable_rehash(args.rehash, args.rehash_layers)
     call = {"num_inference_steps": DEFAULT_STEPS, "guidance_scale": DEFAULT_GUIDANCE}
     if args.preset:
         call.update(apply_preset(pipe, args.preset))
@@ -121,7 +207,7 @@ def generate(args):
 
     cuda = pipe.unet.device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats()  # from here: weights loaded, what the planner's peak counts
     step_ends = []
 
     def on_step_end(pipe_, step, timestep, kwargs):
@@ -140,6 +226,25 @@ def generate(args):
     print(f"{args.out}: {width}x{height}, {steps} steps, wall {wall:.2f} s ({denoise / max(steps, 1):.3f} s/step, "
           f"VAE decode on {pipe.vae.device.type} {wall - denoise:.2f} s, load {loaded - start:.1f} s), "
           f"peak VRAM {_vram(cuda)}")
+    if cuda:
+        print(f"peak allocated: measured {torch.cuda.max_memory_allocated() / 1e9:.3f} GB, predicted by the planner "
+              f"{predicted.peak / 1e9:.3f} GB (`tinykern sd memory` with the same options)")
+
+
+def _predict(args, loras, slicing, factor_format, vae_on_gpu):
+    """The memory planner's plan for this run, on the meta device."""
+    from tinykern.pipelines.sd import memory as planner
+
+    pipe = planner.meta_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense, vae_on_gpu=vae_on_gpu)
+    for path, scale in loras:
+        pipe.load_lora(planner.lora_from_file_meta(path), scale, merge=args.merge_lora, factor_format=factor_format)
+    pipe.enable_sequential_cfg(args.sequential_cfg)
+    pipe.enable_slicing(slicing)
+    pipe.enable_rehash(args.rehash, args.rehash_layers)
+    width, height = args.size
+    guidance = args.guidance if args.guidance is not None else (PRESETS[args.preset].guidance if args.preset
+                                                                 else DEFAULT_GUIDANCE)
+    return planner.plan(pipe, width, height, guidance)
 
 
 def _has_scale(spec):

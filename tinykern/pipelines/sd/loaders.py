@@ -37,7 +37,7 @@ def sd15_config_dir():
 
 
 def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, config=None, vae_on_cpu=True,
-                  vae_tiling=False, sequential_cfg=False):
+                  vae_tiling=False, sequential_cfg=False, slicing=None):
     """A TinySDPipeline for the SD1.x model at `path`, nothing downloaded.
 
     path: a diffusers folder (unet/, text_encoder/, vae/, ...), an LDM single-file .safetensors,
@@ -52,6 +52,8 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
     vae_on_cpu: decode on the CPU (latents are moved there); False puts the VAE on `device`.
     vae_tiling: with the VAE on a GPU, decode in tiles.
     sequential_cfg: run the unconditional and conditional UNet passes one after the other.
+    slicing: feature slicing with operator grouping (True, a tinykern.pipelines.sd.slicing.Slicing,
+        or None: off); see TinySDPipeline.enable_slicing.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -79,6 +81,9 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
         vae_device = torch.device("cpu") if vae_on_cpu else device
         # The CPU decodes in float32: half-precision convs are slow or missing there.
         move(parts["vae"], vae_device, torch.float32 if vae_device.type == "cpu" else dtype)
+        if vae_device.type != "cpu":  # text to image only decodes: the encoder stays on the CPU
+            move(parts["vae"].encoder, "cpu", torch.float32)
+            move(parts["vae"].quant_conv, "cpu", torch.float32)
         pipe = TinySDPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
                               unet=parts["unet"], scheduler=parts["scheduler"], safety_checker=None,
                               feature_extractor=None, requires_safety_checker=False)
@@ -86,6 +91,8 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
         pipe.enable_vae_tiling()
     if sequential_cfg:
         pipe.enable_sequential_cfg()
+    if slicing:
+        pipe.enable_slicing(slicing)
     return pipe
 
 

@@ -122,15 +122,21 @@ class LoRA:
         return f"LoRA({self.name!r}, layers={len(self.branches)}, scale={self._scale}, merged={self.merged})"
 
 
-def load_lora(components, source, scale=1.0, merge=False, name=None, dtype=None):
+def load_lora(components, source, scale=1.0, merge=False, name=None, dtype=None, factor_format=None):
     """Apply a LoRA file (`~` expanded) or state dict to {"unet": ..., "text_encoder": ...} modules.
 
     scale multiplies every layer's alpha/rank factor (1 where the file has no alpha). dtype:
     the unmerged factors' dtype (default: each component's, that is the dtype of its first
     floating-point parameter). merge: see the module docstring for what merging into packed
-    weights costs. Raises ValueError listing the keys that fit no known layout or no layer of
-    the model.
+    weights costs. factor_format "q8_0" holds the unmerged factors in Q8_0 (see
+    tinykern.pipelines.sd.lora_q8). Raises ValueError listing the keys that fit no known layout
+    or no layer of the model.
     """
+    if factor_format not in (None, "q8_0"):
+        raise ValueError(f"LoRA factor_format must be None (the model's dtype) or 'q8_0', got {factor_format!r}")
+    branch_type = LoRABranch
+    if factor_format == "q8_0" and not merge:
+        from tinykern.pipelines.sd.lora_q8 import Q8LoRABranch as branch_type
     state, name = _read(source, name)
     pairs, unmatched = parse_lora(state, components)
     if unmatched:
@@ -146,7 +152,7 @@ def load_lora(components, source, scale=1.0, merge=False, name=None, dtype=None)
         key = f"{component}.{module_name}"
         _check_shapes(key, target, parts["down"], parts["up"])
         factors[key] = factor
-        branches[key] = LoRABranch(target, parts["down"], parts["up"], scale * factor,
+        branches[key] = branch_type(target, parts["down"], parts["up"], scale * factor,
                                    dtype=dtype or _dtype_of(components[component]))
     lora = LoRA(name, branches, factors, float(scale), merged=merge)
     for key, branch in branches.items():

@@ -74,20 +74,51 @@ class TinySDPipeline(StableDiffusionPipeline):
         self.vae.tile_sample_min_size, self.vae.tile_latent_min_size = TILE_SAMPLE, TILE_LATENT
 
     @property
+    def slicing(self):
+        """The feature slicing in use (tinykern.pipelines.sd.slicing.Slicing), or None."""
+        return getattr(self, "_tinykern_slicing", None)
+
+    def enable_slicing(self, slicing=True):
+        """Run the UNet's and VAE decoder's blocks slice by slice (True: default slice sizes; a
+        Slicing; None/False: off). Same results up to float rounding, a fraction of the
+        activation memory: see tinykern.pipelines.sd.slicing."""
+        from tinykern.pipelines.sd import slicing as sliced
+
+        value = sliced.Slicing() if slicing is True else (slicing or None)
+        sliced.enable(self.unet, self.vae, value)
+        self._tinykern_slicing = value
+
+    @property
+    def rehash(self):
+        """The step-rehash interval (a full UNet step every N), or None."""
+        hook = getattr(self.unet, "_tinykern_rehash", None)
+        return hook.interval if hook is not None else None
+
+    def enable_rehash(self, interval, layers=None):
+        """Step rehash: a full UNet step every `interval` steps, only the outer blocks on the
+        steps between (None: off); layers=k recomputes only the last k resnets of the last up
+        block (cheaper, coarser). See tinykern.pipelines.sd.rehash."""
+        from tinykern.pipelines.sd import rehash
+
+        rehash.enable(self.unet, interval, layers)
+
+    @property
     def loras(self):
         """The LoRAs loaded with load_lora, in order."""
         if not hasattr(self, "_tinykern_loras"):
             self._tinykern_loras = []
         return self._tinykern_loras
 
-    def load_lora(self, source, scale=1.0, merge=False, name=None):
+    def load_lora(self, source, scale=1.0, merge=False, name=None, factor_format=None):
         """Apply a LoRA file (`~` expanded) or state dict to the UNet and text encoder, its
         factors in the pipeline's dtype; returns its handle (set_scale, remove). merge=True
         re-quantizes packed weights, which changes the LoRA's effect by about the format's
-        error over the LoRA's relative size (see tinykern.pipelines.sd.lora)."""
+        error over the LoRA's relative size (see tinykern.pipelines.sd.lora). factor_format="q8_0"
+        holds unmerged factors in Q8_0 (about half the bytes)."""
         from tinykern.pipelines.sd.lora import load_lora
 
-        lora = load_lora({"unet": self.unet, "text_encoder": self.text_encoder}, source, scale, merge, name)
+        lora = load_lora({"unet": self.unet, "text_encoder": self.text_encoder}, source, scale, merge, name,
+                         factor_format=factor_format)
         self.loras.append(lora)
         return lora
 
@@ -104,6 +135,8 @@ class TinySDPipeline(StableDiffusionPipeline):
         return self.unet.device
 
     def __call__(self, *args, output_type="pil", return_dict=True, **kwargs):
+        if getattr(self.unet, "_tinykern_rehash", None) is not None:
+            self.unet._tinykern_rehash.reset()
         with stage("sd.denoise"):
             latents = super().__call__(*args, output_type="latent", return_dict=False, **kwargs)[0]
         if output_type == "latent":
@@ -116,6 +149,6 @@ class TinySDPipeline(StableDiffusionPipeline):
     @torch.no_grad()
     def decode(self, latents):
         """Latents (any device) -> images in [-1, 1] on the VAE's device."""
-        vae_param = next(self.vae.parameters())
+        vae_param = next(self.vae.decoder.parameters())
         latents = latents.to(device=vae_param.device, dtype=vae_param.dtype) / self.vae.config.scaling_factor
         return self.vae.decode(latents, return_dict=False)[0]

@@ -1,0 +1,60 @@
+"""Unmerged LoRA factors held in Q8_0 (8.5 bits a weight instead of 16): about half the bytes
+of an fp16 branch, its effect off by Q8_0's rounding of each factor (about 0.3% of the factor's
+RMS for Gaussian factors), with nothing re-quantized in the base weight (merging into a Q4_K
+weight costs far more: see tinykern.pipelines.sd.lora).
+
+Each call dequantizes the two factors (rank x in*kh*kw and out x rank: at most a few MB) to the
+input's dtype and adds the branch into the layer's output in place.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tinykern import ops
+from tinykern.formats import q8_0
+from tinykern.pipelines.sd.lora import LoRABranch
+
+
+def _pack(factor):
+    """[rows, ...] float factor -> (Q8_0 blocks [rows, nb*34], features before padding)."""
+    rows = factor.reshape(factor.shape[0], -1)
+    features = rows.shape[1]
+    padded = -(-features // q8_0.BLOCK) * q8_0.BLOCK
+    if rows.is_meta:
+        return torch.empty(rows.shape[0], padded // q8_0.BLOCK * q8_0.BLOCK_BYTES, dtype=torch.uint8, device="meta"), features
+    return q8_0.quantize(F.pad(rows.float(), (0, padded - features)), name="LoRA factor"), features
+
+
+class Q8LoRABranch(LoRABranch):
+    """LoRABranch whose down/up factors are Q8_0 blocks (buffers `down`, `up`, uint8)."""
+
+    def __init__(self, target, down, up, scale, dtype=torch.float16):
+        super().__init__(target, down, up, scale, dtype=down.dtype if down.is_floating_point() else torch.float32)
+        self.down_shape, self.up_shape = tuple(self.down.shape), tuple(self.up.shape)
+        self.down, self._down_features = _pack(self.down)
+        self.up, self._up_features = _pack(self.up)
+
+    def factors(self, dtype):
+        down = ops.q8_0_dequantize(self.down, dtype)[:, :self._down_features].reshape(self.down_shape)
+        up = ops.q8_0_dequantize(self.up, dtype)[:, :self._up_features].reshape(self.up_shape)
+        return down, up
+
+    def forward(self, x):
+        down, up = self.factors(x.dtype)
+        if self.conv:
+            hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+            del down
+            return F.conv2d(hidden, up).mul_(self.scale)
+        hidden = F.linear(x, down)
+        del down
+        return F.linear(hidden, up).mul_(self.scale)
+
+    def delta(self):
+        down, up = self.factors(torch.float32)
+        product = up.flatten(1) @ down.flatten(1)
+        return self.scale * (product.reshape(up.shape[0], *down.shape[1:]) if self.conv else product)
+
+    def hook(self, module, args, output):
+        if self.down.device != output.device:
+            self.to(output.device)
+        return output.add_(self(args[0]))
