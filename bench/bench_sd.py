@@ -90,11 +90,9 @@ def _random_pipeline(quantized, vae_on_gpu=False):
     return pipe
 
 
-def generation(quantized, steps=20):
-    """Peak VRAM (bytes) and seconds per denoising step of one 512x512 image with CFG."""
-    pipe = _random_pipeline(quantized)
-    call = dict(num_inference_steps=steps, guidance_scale=7.5, height=512, width=512, output_type="np")
-    pipe("warm-up", **{**call, "num_inference_steps": 2})
+def _timed_generation(pipe, call):
+    """Run `pipe` once on a fixed prompt with fresh peak-memory statistics: (start time, the
+    time each denoising step ended), synchronized with the GPU."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     ends = []
@@ -104,7 +102,17 @@ def generation(quantized, steps=20):
         ends.append(time.perf_counter())
         return kwargs
 
+    start = time.perf_counter()
     pipe("a photo of an astronaut riding a horse", callback_on_step_end=on_step_end, **call)
+    return start, ends
+
+
+def generation(quantized, steps=20):
+    """Peak VRAM (bytes) and seconds per denoising step of one 512x512 image with CFG."""
+    pipe = _random_pipeline(quantized)
+    call = dict(num_inference_steps=steps, guidance_scale=7.5, height=512, width=512, output_type="np")
+    pipe("warm-up", **{**call, "num_inference_steps": 2})
+    _, ends = _timed_generation(pipe, call)
     result = {"peak_vram_bytes": torch.cuda.max_memory_allocated(), "s_per_step": (ends[-1] - ends[0]) / (len(ends) - 1),
               "steps": steps}
     del pipe
@@ -265,17 +273,7 @@ def gpu_bar(steps=25, lora_rank=64, size=512):
     result = {}
     for label, interval, layers in (("full", None, None), ("rehash3", 3, None), ("rehash3_layers2", 3, 2)):
         pipe.enable_rehash(interval, layers)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        ends = []
-
-        def on_step_end(pipe_, step, timestep, kwargs):
-            torch.cuda.synchronize()
-            ends.append(time.perf_counter())
-            return kwargs
-
-        t0 = time.perf_counter()
-        pipe("a photo of an astronaut riding a horse", callback_on_step_end=on_step_end, **call)
+        t0, ends = _timed_generation(pipe, call)
         torch.cuda.synchronize()
         result[label] = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                          "peak_reserved_bytes": torch.cuda.max_memory_reserved(),

@@ -105,23 +105,8 @@ def row_slices(batch, height, width, pixels):
 
 def group_norm_stats(x, norm, slices):
     """(mean, rstd) [B, groups] float32 of GroupNorm `norm` over x [B, C, H, W], one slice at a
-    time (Chan et al.'s pairwise merge of means and squared deviations)."""
-    batch, channels = x.shape[:2]
-    groups = norm.num_groups
-    count = torch.zeros(batch, 1, dtype=torch.float32, device=x.device)
-    mean = torch.zeros(batch, groups, dtype=torch.float32, device=x.device)
-    m2 = torch.zeros(batch, groups, dtype=torch.float32, device=x.device)
-    for b, r0, r1 in slices:
-        part = x[b, :, r0:r1].float().reshape(groups, -1)
-        var, avg = torch.var_mean(part, dim=1, unbiased=False)
-        n = part.shape[1]
-        total = count[b] + n
-        delta = avg - mean[b]
-        mean[b] += delta * (n / total)
-        m2[b] += var * n + delta * delta * (count[b] * n / total)
-        count[b] = total
-        del part, var, avg, delta
-    return mean, torch.rsqrt(m2 / count + norm.eps)
+    time (see _stream_stats)."""
+    return _stream_stats(lambda b, r0, r1: x[b:b + 1, :, r0:r1], norm, slices, x.shape[0])
 
 
 def group_norm_apply(x, norm, mean, rstd, chunks=4):
@@ -464,8 +449,9 @@ def _upsample_sliceable(module):
 
 
 def _stream_stats(rows, norm, slices, batch):
-    """(mean, rstd) [B, groups] of GroupNorm `norm` over the feature map whose rows `rows(b,
-    r0, r1)` returns, one slice at a time (see group_norm_stats)."""
+    """(mean, rstd) [B, groups] float32 of GroupNorm `norm` over the feature map whose rows
+    `rows(b, r0, r1)` returns as [1, C, r1 - r0, W], one slice at a time (Chan et al.'s pairwise
+    merge of means and squared deviations)."""
     groups = norm.num_groups
     count, mean, m2 = None, None, None
     for b, r0, r1 in slices:
