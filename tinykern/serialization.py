@@ -71,7 +71,8 @@ def save_quantized(model, path):
             raise ValueError(f"{path}: tensor {key!r} is on the meta device and holds no data; fill the model first")
         if value.dtype not in _SAFETENSORS_DTYPES:
             raise ValueError(f"{path}: tensor {key!r} is {value.dtype}, which this writer does not store")
-        tensors[key] = value.detach()
+        # On the CPU once: the checksum and the writer both read these bytes.
+        tensors[key] = value.detach().cpu().contiguous()
     # Every path to a layer shared by several, as the state_dict holds its tensors under each.
     quantized = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if type(m) in _TYPES.values()]
     specs = json.dumps({name: _spec(m) for name, m in quantized}, sort_keys=True)
@@ -341,13 +342,12 @@ def _read_tensors(path, entries, start, records):
     try:
         with open(path, "rb") as f:
             for key, (dtype, shape, begin, end) in entries.items():
-                data = bytearray(end - begin)
+                raw = torch.empty(end - begin, dtype=torch.uint8)
                 f.seek(start + begin)
-                if f.readinto(data) != len(data):
+                if f.readinto(raw.numpy()) != raw.numel():
                     raise ValueError(f"{path}: tensor {key!r} is truncated (the file shrank while it was read)")
-                if zlib.crc32(data) != records[key]["crc32"]:
+                if zlib.crc32(raw.numpy()) != records[key]["crc32"]:
                     raise ValueError(f"{path}: tensor {key!r} does not match its checksum; the file was altered")
-                raw = torch.frombuffer(data, dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
                 tensors[key] = raw.view(dtype).reshape(shape)
     except OSError as e:
         raise ValueError(f"{path}: not a readable file ({e})") from e

@@ -299,7 +299,7 @@ def _check_layout(path, t, ggml_type, data):
         expected = shape
     elif ggml_type in _PACKED:
         block = GGML_QUANT_SIZES[ggml_type][0]
-        if data.dtype != torch.uint8 or not shape or shape[-1] % block:
+        if data.dtype != torch.uint8 or _row(shape) % block:
             raise ValueError(f"{os.fspath(path)}: tensor {t.name!r}: {ggml_type.name} needs uint8 blocks and a last "
                              f"dimension that is a multiple of {block}, got {data.dtype} data for shape {list(shape)}")
         expected = _packed_shape(ggml_type, shape)
