@@ -127,15 +127,13 @@ at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int6
   const int64_t tile = std::clamp<int64_t>((256 << 10) / kp, 8, 256);
   at::Tensor out = at::empty({x32.size(0), n}, x32.options());
   const at::Tensor xk = x32.narrow(1, 0, k);
-  const bool simd = has_avx2_fma();
   at::parallel_for(0, ceil_div(n, tile), 1, [&](int64_t t0, int64_t t1) {
     at::Tensor buf = at::empty({tile, kp}, x32.options());
     float* b = buf.data_ptr<float>();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, rows = std::min(tile, n - n0);
-      for (int64_t i = 0; i < rows * nb; ++i) {
-        Format::template dequant_block<float>(w + (n0 * nb + i) * Format::kBlockBytes, b + i * Format::kBlock, simd);
-      }
+      // Inside this task's thread: parallel_for runs inline in a parallel region.
+      dequant_blocks<Format>(w + n0 * nb * Format::kBlockBytes, rows * nb, b);
       at::Tensor o = out.narrow(1, n0, rows);
       at::cpu::mm_out(o, xk, buf.narrow(0, 0, rows).narrow(1, 0, k).t());
     }

@@ -97,9 +97,9 @@ using NearestFn = Nearest (*)(const float*, const float*, int64_t);
 
 NearestFn pick_nearest() {
 #if defined(__x86_64__)
-  const std::string_view level = simd_level();
-  if (level == "avx512") return nearest_avx512;
-  if (level == "avx2+fma") return nearest_avx2;
+  // By capability, not by level name: levels above avx512 (avx512+amx) take its kernel too.
+  if (has_avx512()) return nearest_avx512;
+  if (has_avx2_fma()) return nearest_avx2;
 #endif
   return nearest_scalar;
 }

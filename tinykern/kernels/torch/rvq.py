@@ -28,7 +28,7 @@ def rvq_encode(x, codebooks):
             dist = torch.addmm(norms[level], r, codebooks[level].t(), alpha=-2)
             # A NaN distance never wins (ops.rvq_encode's rule); argmin returns the first
             # minimal index, so ties, and rows with no distance below +Inf, go to the lowest code.
-            idx = dist.masked_fill_(dist.isnan(), float("inf")).argmin(1)
+            idx = dist.nan_to_num_(nan=float("inf"), posinf=float("inf"), neginf=float("-inf")).argmin(1)
             codes[start:start + rows, level] = idx
             chosen = codebooks[level].index_select(0, idx)
             r -= chosen

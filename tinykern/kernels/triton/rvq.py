@@ -113,7 +113,7 @@ def rvq_encode_triton(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.T
         )
     codes = torch.empty(n, num_levels, dtype=torch.int64, device=x.device)
     if n == 0:
-        return codes, torch.empty(n, d, dtype=torch.float32, device=x.device)
+        return codes, _decode(codes, codebooks)
     norms = codebooks.square().sum(-1).contiguous()
     block_n, block_k, block_d, use_dot, warps = _encode_config(d)
     with _on_device(x):
