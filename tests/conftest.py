@@ -40,6 +40,18 @@ def relative_error(actual, expected):
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def refused(capsys, *argv):
+    """The one stderr line with which `tinykern *argv` refuses its arguments (exit code 2)."""
+    from tinykern.__main__ import main
+
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 @pytest.fixture
 def gen():
     """A seeded CPU generator: fresh random data per test, reproducible across runs."""

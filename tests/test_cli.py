@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import refused
 
 import tinykern
 from tinykern import _ext, backends
@@ -116,17 +117,6 @@ def test_demo(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def refused(capsys, argv):
-    """The one stderr line with which `tinykern ...` refuses argv (exit code 2)."""
-    from tinykern.__main__ import main
-
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and len(err.splitlines()) == 1, err
-    return err
-
-
 def test_every_command_with_a_device_refuses_cuda_without_a_gpu(tmp_path, capsys, monkeypatch):
     """Every subcommand of `tinykern --help` that takes --device, before it loads anything."""
     if torch.cuda.is_available():
@@ -142,7 +132,7 @@ def test_every_command_with_a_device_refuses_cuda_without_a_gpu(tmp_path, capsys
                 "rqvae generate": ["--prompt", "x", "--out", tmp_path / "x.png"],
                 "rqvae demo": ["--out", tmp_path / "x.png"]}
     for name, argv in commands.items():
-        err = refused(capsys, [*name.split(), *argv, "--device", "cuda"])
+        err = refused(capsys, *name.split(), *argv, "--device", "cuda")
         assert err == f"tinykern {name}: error: --device cuda: no CUDA device is available\n", err
     assert list(tmp_path.iterdir()) == []
 
@@ -164,7 +154,7 @@ def test_rqvae_commands_refuse_bad_arguments_in_one_line(tmp_path, capsys):
         (["rqvae", "train", "tokenizer", "--steps", "0", "--out", tmp_path / "run"], "--steps 0: must be at least 1"),
     ]
     for argv, message in cases:
-        err = refused(capsys, argv)
+        err = refused(capsys, *argv)
         assert re.match(f"tinykern rqvae {argv[1]}: error: .*{message}", err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
 

@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 from PIL import Image  # noqa: E402
+from conftest import refused  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import tinykern  # noqa: E402
-from tinykern.__main__ import main  # noqa: E402
 from tinykern.pipelines.sd import cli, loaders  # noqa: E402
 from tinykern.pipelines.sd.testing import tiny_components, write_diffusers_folder  # noqa: E402
 
@@ -92,16 +92,6 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(loaders, "load_pipeline", load_pipeline)
 
 
-def refused(capsys, *argv):
-    """The one stderr line with which `tinykern sd ...` refuses argv (exit code 2)."""
-    with pytest.raises(SystemExit) as info:
-        main(["sd", *map(str, argv)])
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
 BAD_GENERATE = {
     "missing output folder": (["--out", "{tmp}/no/such/folder/x.png"], "folder .*no/such/folder does not exist"),
     "unknown extension": (["--out", "{tmp}/x.xyz"], r"\.xyz is not an image format"),
@@ -120,7 +110,7 @@ def test_generate_refuses_bad_arguments_before_loading(case, model, tmp_path, ca
     argv = {"--model": model / "model", "--prompt": "a cat", "--device": "cpu", "--out": tmp_path / "image.png"}
     for flag, value in zip(extra[::2], extra[1::2]):
         argv[flag] = value.format(tmp=tmp_path)
-    err = refused(capsys, "generate", *[item for pair in argv.items() for item in pair])
+    err = refused(capsys, "sd", "generate", *[item for pair in argv.items() for item in pair])
     assert re.fullmatch(f"tinykern sd generate: error: .*{message}.*\n", err), err
     assert list(tmp_path.iterdir()) == []
 
@@ -129,20 +119,20 @@ def test_generate_refuses_bad_arguments_before_loading(case, model, tmp_path, ca
 @pytest.mark.parametrize("command", ["generate", "quantize"])
 def test_cuda_without_a_gpu_is_refused_before_loading(command, model, tmp_path, capsys, no_loading):
     extra = ["--prompt", "a cat", "--out", tmp_path / "x.png"] if command == "generate" else ["--out", tmp_path / "q"]
-    err = refused(capsys, command, "--model", model / "model", "--device", "cuda", *extra)
+    err = refused(capsys, "sd", command, "--model", model / "model", "--device", "cuda", *extra)
     assert err == f"tinykern sd {command}: error: --device cuda: no CUDA device is available\n"
     assert list(tmp_path.iterdir()) == []
 
 
 def test_quantize_refuses_a_folder_that_is_not_empty(model, tmp_path, capsys, no_loading):
     (tmp_path / "keep.txt").write_text("mine")
-    err = refused(capsys, "quantize", "--model", model / "model", "--device", "cpu", "--out", tmp_path)
+    err = refused(capsys, "sd", "quantize", "--model", model / "model", "--device", "cpu", "--out", tmp_path)
     assert "is not empty" in err and [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
 def test_paths_expand_the_home_folder(model, tmp_path, capsys, monkeypatch, no_loading):
     monkeypatch.setenv("HOME", str(tmp_path))
-    err = refused(capsys, "generate", "--model", "~/absent", "--prompt", "x", "--out", "~/x.png")
+    err = refused(capsys, "sd", "generate", "--model", "~/absent", "--prompt", "x", "--out", "~/x.png")
     assert f"--model {tmp_path / 'absent'}: does not exist" in err
 
 

@@ -132,10 +132,9 @@ def prepare(op, case, impl, device, workspace):
     if impl == "ggml_ref":
         if device.type != "cpu":
             raise Unavailable("libggml's reference quantizer runs on the CPU only")
-        try:
-            ggml.quantize_ref("q8_0", torch.zeros(1, 32))
-        except ggml.Unavailable as e:
-            raise Unavailable(str(e)) from None
+        reason = ggml.unavailable_reason()
+        if reason is not None:
+            raise Unavailable(reason)
     data = workspace.get(op, case, device)
     build = {"rvq_encode": _rvq_row, "q4k_conv2d": _conv_row, "q4k_quantize": _quantize_row,
              "q8_0_quantize": _quantize_row}.get(op, _matmul_row)
@@ -215,9 +214,9 @@ def _output_check(op, case, data):
     return check
 
 
-def _backend_call(name, op_fn, *args):
+def _backend_call(name, op_fn, *args, exact=False):
     def call():
-        with backends.backend(name):
+        with backends.backend(name, exact=exact):
             return op_fn(*args)
 
     return call
@@ -306,6 +305,7 @@ def _rvq_row(op, case, impl, device, data):
 def _quantize_row(op, case, impl, device, data):
     w = data["w"]
     fmt = _FORMATS[op]
+    short = fmt.__name__.rsplit(".", 1)[-1]  # "q4k" or "q8_0": ggml's name for it too
     if impl == "gguf_numpy":
         import gguf
         from gguf import quants
@@ -317,14 +317,13 @@ def _quantize_row(op, case, impl, device, data):
 
         detail = f"gguf-py {machine.dist_version('gguf')} quants.quantize (numpy)"
     elif impl == "ggml_ref":
-        name = "q4k" if fmt is q4k else "q8_0"
-        fn = lambda: ggml.quantize_ref(name, w)  # noqa: E731
-        detail = f"libggml-python {ggml.version()} quantize_row_{'q4_K' if fmt is q4k else 'q8_0'}_ref (C, one thread)"
+        fn = lambda: ggml.quantize_ref(short, w)  # noqa: E731
+        detail = f"libggml-python {ggml.version()} quantize_row_{'q4_K' if fmt is q4k else short}_ref (C, one thread)"
     elif impl == "tinykern_torch":
         fn = _backend_call("torch", fmt.quantize, w)
-        detail = f"tinykern.formats.{fmt.__name__.rsplit('.', 1)[-1]}.quantize with the torch backend forced"
+        detail = f"tinykern.formats.{short}.quantize with the torch backend forced"
     else:
-        fn, detail = (lambda: fmt.quantize(w)), f"tinykern.formats.{fmt.__name__.rsplit('.', 1)[-1]}.quantize on {device.type}"
+        fn, detail = (lambda: fmt.quantize(w)), f"tinykern.formats.{short}.quantize on {device.type}"
 
     def check(out):
         err = ((fmt.dequantize(out.to(w.device)) - w).norm() / w.norm()).item()

@@ -18,9 +18,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tinykern import _ext, backends, ops
-from tinykern.bench import ggml, machine, sd15
+from tinykern import _ext, ops
+from tinykern.bench import cases, ggml, machine, sd15
 from tinykern.formats import q4k, q8_0
+from tinykern.quantize import QuantConfig
 
 # (name, M, K, N): issue #18's shapes. 4096x4096 GEMV/GEMM, CLIP-L (77 tokens, K 768), and the
 # SD1.5 UNet's transformer linears at 64x64, 32x32 and 16x16 latents (M 4096/1024/256).
@@ -65,6 +66,21 @@ def rel_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+def _measured(fns, ref, ref16, rounds, **shape):
+    """The case's result: `shape` (case, M, K, N), each fn's relative error against ref (ref16 for
+    "tinykern bf16 x") and its timed_rounds summary."""
+    errors = {impl: rel_error(fn(), ref16 if impl == "tinykern bf16 x" else ref) for impl, fn in fns.items()}
+    times = timed_rounds(fns, rounds)
+    return {**shape, "rel_error": errors, "seconds": {impl: summary(t) for impl, t in times.items()}}
+
+
+def _tinykern_fns(op_fn, x, x16, *args):
+    """The three tinykern calls of a case: fp32 x (default and exact) and bf16 x, on the cpu backend."""
+    return {"tinykern": cases._backend_call("cpu", op_fn, x, *args),
+            "tinykern exact": cases._backend_call("cpu", op_fn, x, *args, exact=True),
+            "tinykern bf16 x": cases._backend_call("cpu", op_fn, x16, *args)}
+
+
 def matmul_case(name, m, k, n, threads, rounds, gen):
     kp = -(-k // q4k.BLOCK) * q4k.BLOCK
     w = q4k.quantize(0.02 * torch.randn(n, kp, generator=gen))
@@ -74,16 +90,8 @@ def matmul_case(name, m, k, n, threads, rounds, gen):
     x16 = x.bfloat16()
     ref = x.double() @ dense.double().T
     ref16 = x16.double() @ dense.double().T
-
-    def tk(xin, exact):
-        def call():
-            with backends.backend("cpu", exact=exact):
-                return ops.q4k_matmul(xin, w)
-        return call
-
-    fns = {"tinykern": tk(x, False), "tinykern exact": tk(x, True), "tinykern bf16 x": tk(x16, False),
+    fns = {**_tinykern_fns(ops.q4k_matmul, x, x16, w),
            "dense fp32": lambda: F.linear(x, dense), "dense bf16": lambda: F.linear(x16, dense16)}
-    refs = {"tinykern bf16 x": ref16}
     if k % q4k.BLOCK == 0:
         for repack in (False, True):
             try:
@@ -91,10 +99,7 @@ def matmul_case(name, m, k, n, threads, rounds, gen):
             except ggml.Unavailable:
                 continue
             fns["ggml repacked" if repack else "ggml"] = (lambda mm=mm: mm(x))
-    errors = {impl: rel_error(fn(), refs.get(impl, ref)) for impl, fn in fns.items()}
-    times = timed_rounds(fns, rounds)
-    return {"case": name, "M": m, "K": k, "N": n, "rel_error": errors,
-            "seconds": {impl: summary(t) for impl, t in times.items()}}
+    return _measured(fns, ref, ref16, rounds, case=name, M=m, K=k, N=n)
 
 
 def conv_case(name, channels, size, rounds, gen):
@@ -106,20 +111,9 @@ def conv_case(name, channels, size, rounds, gen):
     x16 = x.bfloat16()
     ref = F.conv2d(x.double(), dense.double(), None, 1, 1)
     ref16 = F.conv2d(x16.double(), dense.double(), None, 1, 1)
-
-    def tk(xin, exact):
-        def call():
-            with backends.backend("cpu", exact=exact):
-                return ops.q4k_conv2d(xin, w, None, channels, 3, 1, 1)
-        return call
-
-    fns = {"tinykern": tk(x, False), "tinykern exact": tk(x, True), "tinykern bf16 x": tk(x16, False),
+    fns = {**_tinykern_fns(ops.q4k_conv2d, x, x16, w, None, channels, 3, 1, 1),
            "dense fp32": lambda: F.conv2d(x, dense, None, 1, 1), "dense bf16": lambda: F.conv2d(x16, dense16, None, 1, 1)}
-    refs = {"tinykern bf16 x": ref16}
-    errors = {impl: rel_error(fn(), refs.get(impl, ref)) for impl, fn in fns.items()}
-    times = timed_rounds(fns, rounds)
-    return {"case": name, "M": size * size, "K": cols, "N": channels, "rel_error": errors,
-            "seconds": {impl: summary(t) for impl, t in times.items()}}
+    return _measured(fns, ref, ref16, rounds, case=name, M=size * size, K=cols, N=channels)
 
 
 def quantize_case(rows, cols, rounds, gen):
@@ -128,12 +122,7 @@ def quantize_case(rows, cols, rounds, gen):
            "tinykern q8_0": lambda: q8_0.quantize(w), "ggml ref q8_0 (1 thread)": lambda: ggml.quantize_ref("q8_0", w)}
     identical = {"q4k": torch.equal(q4k.quantize(w), ggml.quantize_ref("q4k", w)),
                  "q8_0": torch.equal(q8_0.quantize(w), ggml.quantize_ref("q8_0", w))}
-
-    def torch_search():
-        with backends.backend("torch"):
-            return q4k.quantize(w)
-
-    fns["tinykern q4k, torch search"] = torch_search
+    fns["tinykern q4k, torch search"] = cases._backend_call("torch", q4k.quantize, w)
     times = timed_rounds(fns, rounds)
     return {"rows": rows, "cols": cols, "identical_to_ggml": identical,
             "seconds": {impl: summary(t) for impl, t in times.items()}}
@@ -144,14 +133,13 @@ def quantize_unet(gen):
     zero-padded to whole blocks), one layer at a time on random data; only the quantize calls
     are timed."""
     model, _ = sd15.unet()
+    config = QuantConfig()
     total, weights = 0.0, 0
-    for module in model.modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or config.format_for(name, module)[0] is None:
             continue
         rows = module.weight.shape[0]
         cols = module.weight[0].numel()
-        if cols < 128:  # quantize_ keeps these dense
-            continue
         padded = -(-cols // q4k.BLOCK) * q4k.BLOCK
         w = 0.02 * torch.randn(rows, padded, generator=gen)
         t = time.perf_counter()
@@ -234,7 +222,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     load = machine.CpuLoad().start()
-    cases = [c for c in MATMUL_CASES if args.cases is None or c[0] in args.cases.split(",")]
+    matmuls = [c for c in MATMUL_CASES if args.cases is None or c[0] in args.cases.split(",")]
     res = {"cpu": machine.device_name(torch.device("cpu")), "date": machine.now(), "threads": args.threads,
            "rounds": args.rounds, "simd": _ext.runtime_info()["simd"] if _ext.available() else None,
            "versions": {"torch": torch.__version__, "libggml-python": ggml.version()},
@@ -245,7 +233,7 @@ def main(argv=None):
         res["unet_quantize"] = quantize_unet(gen)
         print(json.dumps(res["unet_quantize"]), flush=True)
     res["matmul"] = []
-    for name, m, k, n in cases:
+    for name, m, k, n in matmuls:
         res["matmul"].append(matmul_case(name, m, k, n, args.threads, args.rounds, gen))
         print(json.dumps(res["matmul"][-1]), flush=True)
     res["conv"] = []

@@ -12,8 +12,10 @@ import os
 import numpy as np
 import torch
 
+from tinykern.formats import q4k, q8_0
+
 GGML_TYPE = {"f32": 0, "q8_0": 8, "q4k": 12}
-_BLOCK = {"q4k": (256, 144), "q8_0": (32, 34)}
+_BLOCK = {"q4k": (q4k.BLOCK, q4k.BLOCK_BYTES), "q8_0": (q8_0.BLOCK, q8_0.BLOCK_BYTES)}
 
 
 class Unavailable(Exception):
@@ -64,6 +66,15 @@ def _libs():
     return base, cpu
 
 
+def unavailable_reason():
+    """Why libggml-python cannot run here (the cached load's Unavailable message), or None."""
+    try:
+        _libs()
+    except Unavailable as e:
+        return str(e)
+    return None
+
+
 class _InitParams(ctypes.Structure):
     _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
 
@@ -92,8 +103,8 @@ class MulMat:
 
     def __init__(self, fmt, w, m, threads, repack):
         base, cpu = self._libs = _libs()
-        block, _ = _BLOCK[fmt]
-        n, k = w.shape[0], w.shape[1] // _BLOCK[fmt][1] * block
+        block, nbytes = _BLOCK[fmt]
+        n, k = w.shape[0], w.shape[1] // nbytes * block
         self.m, self.n, self.k = m, n, k
         meta = _InitParams(base.ggml_tensor_overhead() * 8 + base.ggml_graph_overhead(), None, True)
         self._wctx, self._ctx = base.ggml_init(meta), base.ggml_init(meta)

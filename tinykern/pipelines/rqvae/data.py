@@ -253,19 +253,13 @@ class ImageFolderCaptions:
             where = f"no record in {self.captions_file} and " if self.captions_file else ""
             raise ValueError(f"ImageFolderCaptions: image {path} has no caption: {where}no {text_file.name} beside it "
                              f"(or a caption file {' / '.join(self.CAPTION_FILES)} in {self.root})")
-        try:
-            caption = text_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"ImageFolderCaptions: cannot read caption file {text_file}: {e}") from None
+        caption = _read_caption_text(text_file).strip()
         if not caption:
             raise ValueError(f"ImageFolderCaptions: caption file {text_file} is empty")
         return caption
 
     def _read_captions(self):
-        try:
-            text = self.captions_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"ImageFolderCaptions: cannot read caption file {self.captions_file}: {e}") from None
+        text = _read_caption_text(self.captions_file)
         if self.captions_file.suffix == ".jsonl":
             rows = []
             for number, line in enumerate(text.splitlines(), 1):
@@ -301,6 +295,14 @@ class ImageFolderCaptions:
     def batch(self, indices):
         images, captions = zip(*(self[i % len(self)] for i in indices))
         return torch.stack(images), list(captions)
+
+
+def _read_caption_text(path):
+    """The text of caption file `path`, or ValueError saying why it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"ImageFolderCaptions: cannot read caption file {path}: {e}") from None
 
 
 def _decoded(path, read):
@@ -387,7 +389,9 @@ def check_adherence(image, caption):
     dist = torch.cdist(pixels, palette)
     nearest = dist.argmin(1).reshape(h, w)
     border = torch.cat([nearest[0], nearest[-1], nearest[:, 0], nearest[:, -1]])
-    result = {"background": names[int(torch.mode(border).values)] == scene["background"]}
+    background = int(torch.mode(border).values)
+    result = {"background": names[background] == scene["background"]}
+    min_area = 0.3 * (2 * SIZES["small"] * h) ** 2 * 0.5  # a third of the smallest triangle
     ok = {"colour": True, "shape": True, "size": True}
     centroids = []
     for s in scene["shapes"]:
@@ -396,7 +400,6 @@ def check_adherence(image, caption):
         # small triangle's apex is thinner than the 3x3 opening).
         mask = raw & (F.max_pool2d(_opened(raw)[None, None].float(), 5, 1, 2)[0, 0] > 0.5)
         area = int(mask.sum())
-        min_area = 0.3 * (2 * SIZES["small"] * h) ** 2 * 0.5  # a third of the smallest triangle
         if area < min_area:
             ok["colour"] = ok["shape"] = ok["size"] = False
             centroids.append(None)
@@ -419,7 +422,6 @@ def check_adherence(image, caption):
             # Training layouts separate the centres by at least 0.28 of the side on that axis.
             relation = along >= 0.15 * max(h, w)
     result["relation"] = relation
-    background = int(torch.mode(border).values)
     named = [names.index(s["colour"]) for s in scene["shapes"]]
     # Looked for on every step-th pixel (about 64 a side): the smallest shape still spans 15.
     step = max(1, max(h, w) // 64)
