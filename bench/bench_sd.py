@@ -157,13 +157,10 @@ def planned(lora_rank=64, slicing=True, size=512, guidance=7.5, rehash=None, chu
     """The memory planner's MemoryPlan of SD1.5 in tinykern's layout (meta device)."""
     from tinykern.pipelines.sd import memory
 
-    pipe = memory.meta_pipeline(vae_on_gpu=vae_on_gpu)
-    if lora_rank:
-        pipe.load_lora(memory.synthetic_lora(pipe, lora_rank), factor_format=None if lora_format == "fp16" else lora_format)
-    pipe.enable_slicing(slicing)
+    pipe = memory.planned_pipeline(vae_on_gpu=vae_on_gpu, lora_rank=lora_rank, slicing=slicing, rehash=rehash,
+                                   factor_format=None if lora_format == "fp16" else lora_format)
     if chunking:
         chunk_feed_forward(pipe.unet)
-    pipe.enable_rehash(rehash)
     return memory.plan(pipe, size, size, guidance)
 
 

@@ -1,6 +1,7 @@
 """Byte-level helpers shared by the block formats."""
 
 import torch
+import torch.nn.functional as F
 
 # Block scales are stored as fp16, so a format's range is this times its largest scale factor.
 FP16_MAX = torch.finfo(torch.float16).max
@@ -53,3 +54,11 @@ def fp16_bytes(x):
 def fp16_from_bytes(b):
     """uint8 [n, 2] little-endian fp16 -> float32 [n]."""
     return b.contiguous().view(torch.float16).reshape(-1).float()
+
+
+def quantize_rows(fmt, rows, name):
+    """rows [n, K] (any float dtype) zero-padded to whole blocks of `fmt` (a tinykern.formats
+    module) and quantized by it: uint8 [n, ceil(K / fmt.BLOCK) * fmt.BLOCK_BYTES]."""
+    features = rows.shape[-1]
+    padded = -(-features // fmt.BLOCK) * fmt.BLOCK
+    return fmt.quantize(F.pad(rows.float(), (0, padded - features)), name=name)

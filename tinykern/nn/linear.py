@@ -1,11 +1,11 @@
 """Q4Linear and Q8Linear: nn.Linear with its weight stored in packed GGUF blocks."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tinykern import backends, ops
 from tinykern.formats import q4k, q8_0
+from tinykern.formats.common import quantize_rows
 
 
 class _BlockLinear(nn.Module):
@@ -36,9 +36,7 @@ class _BlockLinear(nn.Module):
         if linear.weight.is_meta:
             return module
         check_bias(linear.bias, name)
-        padded = module.qweight.shape[1] // module.FORMAT.BLOCK_BYTES * module.FORMAT.BLOCK
-        weight = F.pad(linear.weight.detach().float(), (0, padded - linear.in_features))
-        module.qweight.copy_(module.FORMAT.quantize(weight, name=f"{name}.weight"))
+        module.qweight.copy_(quantize_rows(module.FORMAT, linear.weight.detach(), f"{name}.weight"))
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
         return module

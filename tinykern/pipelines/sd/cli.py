@@ -110,16 +110,8 @@ def memory(args):
         checks.at_least("--rehash", args.rehash, 1)
         checks.at_least("--rehash-layers", args.rehash_layers, 1)
         slicing = _slicing(args.slice, cuda=True)
-        pipe = planner.meta_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense,
-                                     vae_on_gpu=not args.vae_on_cpu)
-        factor_format = None if args.lora_format == "fp16" else args.lora_format
-        for path in loras:
-            pipe.load_lora(planner.lora_from_file_meta(path), merge=args.merge_lora, factor_format=factor_format)
-        if args.lora_rank:
-            pipe.load_lora(planner.synthetic_lora(pipe, args.lora_rank), merge=args.merge_lora, factor_format=factor_format)
-    pipe.enable_sequential_cfg(args.sequential_cfg)
-    pipe.enable_slicing(slicing)
-    pipe.enable_rehash(args.rehash, args.rehash_layers)
+        pipe = _planned_pipeline(args, [(path, 1.0) for path in loras], slicing, vae_on_gpu=not args.vae_on_cpu,
+                                 lora_rank=args.lora_rank)
     width, height = args.size
     result = planner.plan(pipe, width, height, args.guidance, backend=args.backend, attention=args.attention, arch=args.arch)
     print(result.report())
@@ -179,13 +171,13 @@ def generate(args):
         checks.at_least("--rehash-layers", args.rehash_layers, 1)
         cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         slicing = _slicing(args.slice, cuda)
-        factor_format = None if args.lora_format == "fp16" else args.lora_format
-        predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=True) if cuda else None
+        factor_format = _factor_format(args)
+        predicted = _predict(args, loras, slicing, vae_on_gpu=not args.vae_on_cpu) if cuda else None
         # The VAE decodes on the GPU when asked, or by default when the planned peak fits the GPU.
         vae_on_gpu = not args.vae_on_cpu and (args.vae_on_gpu or (
             predicted is not None and predicted.peak <= 0.9 * torch.cuda.mem_get_info()[0]))
-        if cuda and not vae_on_gpu:
-            predicted = _predict(args, loras, slicing, factor_format, vae_on_gpu=False)
+        if cuda and not vae_on_gpu and not args.vae_on_cpu:  # planned with the VAE on the GPU: again without
+            predicted = _predict(args, loras, slicing, vae_on_gpu=False)
         pipe = _load(args, vae_on_cpu=not vae_on_gpu, vae_tiling=args.vae_on_gpu and slicing is None,
                      sequential_cfg=args.sequential_cfg)
         for path, scale in loras:
@@ -231,20 +223,30 @@ def generate(args):
               f"{predicted.peak / 1e9:.3f} GB (`tinykern sd memory` with the same options)")
 
 
-def _predict(args, loras, slicing, factor_format, vae_on_gpu):
+def _predict(args, loras, slicing, vae_on_gpu):
     """The memory planner's plan for this run, on the meta device."""
     from tinykern.pipelines.sd import memory as planner
 
-    pipe = planner.meta_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense, vae_on_gpu=vae_on_gpu)
-    for path, scale in loras:
-        pipe.load_lora(planner.lora_from_file_meta(path), scale, merge=args.merge_lora, factor_format=factor_format)
-    pipe.enable_sequential_cfg(args.sequential_cfg)
-    pipe.enable_slicing(slicing)
-    pipe.enable_rehash(args.rehash, args.rehash_layers)
+    pipe = _planned_pipeline(args, loras, slicing, vae_on_gpu=vae_on_gpu)
     width, height = args.size
     guidance = args.guidance if args.guidance is not None else (PRESETS[args.preset].guidance if args.preset
                                                                  else DEFAULT_GUIDANCE)
     return planner.plan(pipe, width, height, guidance)
+
+
+def _planned_pipeline(args, loras, slicing, vae_on_gpu, lora_rank=0):
+    """The run's pipeline on the meta device, for the memory planner: loras [(path, scale)]."""
+    from tinykern.pipelines.sd import memory as planner
+
+    return planner.planned_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense,
+                                    vae_on_gpu=vae_on_gpu, loras=loras, lora_rank=lora_rank, merge=args.merge_lora,
+                                    factor_format=_factor_format(args),
+                                    sequential_cfg=args.sequential_cfg, slicing=slicing, rehash=args.rehash,
+                                    rehash_layers=args.rehash_layers)
+
+
+def _factor_format(args):
+    return None if args.lora_format == "fp16" else args.lora_format
 
 
 def _has_scale(spec):

@@ -40,6 +40,12 @@ class SDQuantConfig:
         return None if self.text_encoder is None else QuantConfig(weight=self.text_encoder,
                                                                   min_features=self.min_features, convs=False)
 
+    @classmethod
+    def of(cls, quantize):
+        """The config a loader's `quantize` argument names: True (the low-VRAM layout), False
+        (dense) or an SDQuantConfig (returned as is)."""
+        return cls() if quantize is True else (cls(None, None) if quantize is False else quantize)
+
 
 def quantize_on(model, config, device, dtype):
     """Move `model` to `device`/`dtype` and quantize it there, one top-level child at a time,

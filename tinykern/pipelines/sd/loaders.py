@@ -57,7 +57,7 @@ def load_pipeline(path, *, device=None, dtype=None, quantize=True, unet=None, co
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    qconfig = SDQuantConfig() if quantize is True else (SDQuantConfig(None, None) if quantize is False else quantize)
+    qconfig = SDQuantConfig.of(quantize)
     path = _existing(path)
     with stage("sd.load"):
         kind = _kind(path)

@@ -75,21 +75,33 @@ class LoRABranch(nn.Module):
         self.register_buffer("up", up.to(dtype))
         self.scale = float(scale)
 
+    # False: the branch's output and the layer's output plus it are new tensors. True (factors()
+    # makes fresh copies): each factor copy is dropped once used, and both are formed in place.
+    in_place = False
+
+    def factors(self, dtype):
+        """(down, up) in `dtype`, shaped like the layer's kernel (down) and a 1x1 kernel (up)."""
+        return self.down.to(dtype), self.up.to(dtype)
+
     def forward(self, x):
-        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
-        if self.conv:
-            return F.conv2d(F.conv2d(x, down, None, self.stride, self.padding, self.dilation), up) * self.scale
-        return F.linear(F.linear(x, down), up) * self.scale
+        down, up = self.factors(x.dtype)
+        hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation) if self.conv else F.linear(x, down)
+        if self.in_place:
+            del down
+        out = F.conv2d(hidden, up) if self.conv else F.linear(hidden, up)
+        del hidden
+        return out.mul_(self.scale) if self.in_place else out * self.scale
 
     def delta(self):
         """The dense weight update, float32, shaped like the layer's weight."""
-        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
-        return self.scale * (product.reshape(self.up.shape[0], *self.down.shape[1:]) if self.conv else product)
+        down, up = self.factors(torch.float32)
+        product = up.flatten(1) @ down.flatten(1)
+        return self.scale * (product.reshape(up.shape[0], *down.shape[1:]) if self.conv else product)
 
     def hook(self, module, args, output):
         if self.down.device != output.device:
             self.to(output.device)  # once: the pipeline moved after the LoRA was loaded
-        return output + self(args[0])
+        return output.add_(self(args[0])) if self.in_place else output + self(args[0])
 
 
 class LoRA:

@@ -8,10 +8,10 @@ input's dtype and adds the branch into the layer's output in place.
 """
 
 import torch
-import torch.nn.functional as F
 
 from tinykern import ops
 from tinykern.formats import q8_0
+from tinykern.formats.common import quantize_rows
 from tinykern.pipelines.sd.lora import LoRABranch
 
 
@@ -19,14 +19,15 @@ def _pack(factor):
     """[rows, ...] float factor -> (Q8_0 blocks [rows, nb*34], features before padding)."""
     rows = factor.reshape(factor.shape[0], -1)
     features = rows.shape[1]
-    padded = -(-features // q8_0.BLOCK) * q8_0.BLOCK
     if rows.is_meta:
-        return torch.empty(rows.shape[0], padded // q8_0.BLOCK * q8_0.BLOCK_BYTES, dtype=torch.uint8, device="meta"), features
-    return q8_0.quantize(F.pad(rows.float(), (0, padded - features)), name="LoRA factor"), features
+        return torch.empty(rows.shape[0], -(-features // q8_0.BLOCK) * q8_0.BLOCK_BYTES, dtype=torch.uint8, device="meta"), features
+    return quantize_rows(q8_0, rows, "LoRA factor"), features
 
 
 class Q8LoRABranch(LoRABranch):
     """LoRABranch whose down/up factors are Q8_0 blocks (buffers `down`, `up`, uint8)."""
+
+    in_place = True  # factors() dequantizes: copies
 
     def __init__(self, target, down, up, scale, dtype=torch.float16):
         super().__init__(target, down, up, scale, dtype=down.dtype if down.is_floating_point() else torch.float32)
@@ -38,23 +39,3 @@ class Q8LoRABranch(LoRABranch):
         down = ops.q8_0_dequantize(self.down, dtype)[:, :self._down_features].reshape(self.down_shape)
         up = ops.q8_0_dequantize(self.up, dtype)[:, :self._up_features].reshape(self.up_shape)
         return down, up
-
-    def forward(self, x):
-        down, up = self.factors(x.dtype)
-        if self.conv:
-            hidden = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
-            del down
-            return F.conv2d(hidden, up).mul_(self.scale)
-        hidden = F.linear(x, down)
-        del down
-        return F.linear(hidden, up).mul_(self.scale)
-
-    def delta(self):
-        down, up = self.factors(torch.float32)
-        product = up.flatten(1) @ down.flatten(1)
-        return self.scale * (product.reshape(up.shape[0], *down.shape[1:]) if self.conv else product)
-
-    def hook(self, module, args, output):
-        if self.down.device != output.device:
-            self.to(output.device)
-        return output.add_(self(args[0]))

@@ -135,7 +135,7 @@ def meta_pipeline(folder=None, quantize=True, dtype=torch.float16, vae_on_gpu=Tr
     from tinykern.quantize import quantize_
 
     folder = Path(folder) if folder is not None else config_dir()
-    qconfig = SDQuantConfig() if quantize is True else (SDQuantConfig(None, None) if quantize is False else quantize)
+    qconfig = SDQuantConfig.of(quantize)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
@@ -149,6 +149,24 @@ def meta_pipeline(folder=None, quantize=True, dtype=torch.float16, vae_on_gpu=Tr
                           scheduler=_scheduler(folder), safety_checker=None, feature_extractor=None,
                           requires_safety_checker=False)
     pipe._tinykern_plan = {"vae_on_gpu": vae_on_gpu, "vae_decoder_only": vae_decoder_only}
+    return pipe
+
+
+def planned_pipeline(folder=None, quantize=True, vae_on_gpu=True, loras=(), lora_rank=0, merge=False,
+                     factor_format=None, sequential_cfg=None, slicing=None, rehash=None, rehash_layers=None):
+    """meta_pipeline with a run's memory options applied as the run applies them, ready for plan:
+    LoRA files `loras` [(path, scale)] read as meta tensors, then a synthetic LoRA of rank
+    `lora_rank` (0: none), both with `merge` and `factor_format`; sequential CFG (None: left as
+    built), `slicing` (see TinySDPipeline.enable_slicing), step rehash every `rehash` steps."""
+    pipe = meta_pipeline(folder, quantize=quantize, vae_on_gpu=vae_on_gpu)
+    for path, scale in loras:
+        pipe.load_lora(lora_from_file_meta(path), scale, merge=merge, factor_format=factor_format)
+    if lora_rank:
+        pipe.load_lora(synthetic_lora(pipe, lora_rank), merge=merge, factor_format=factor_format)
+    if sequential_cfg is not None:
+        pipe.enable_sequential_cfg(sequential_cfg)
+    pipe.enable_slicing(slicing)
+    pipe.enable_rehash(rehash, rehash_layers)
     return pipe
 
 
@@ -294,9 +312,11 @@ def plan(pipe, width=512, height=512, guidance=7.5, backend="triton", attention=
     """Trace one run of `pipe` (all on the meta device: see meta_pipeline) at width x height
     and return a MemoryPlan. guidance > 1 is CFG (the UNet sees batch 2, or 2 x 1 with
     sequential CFG). `steps` UNet steps are traced (2 is enough to meet a step-rehash cache)."""
+    from tinykern.pipelines.sd.lora import _dtype_of
+
     unet, text_encoder, vae = pipe.unet, pipe.text_encoder, pipe.vae
     options = getattr(pipe, "_tinykern_plan", {"vae_on_gpu": vae.device.type != "cpu", "vae_decoder_only": False})
-    dtype = next(p.dtype for p in unet.parameters() if p.is_floating_point())
+    dtype = _dtype_of(unet)
     cfg = guidance > 1
     weights = {"unet": weight_bytes(unet), "text encoder": weight_bytes(text_encoder)}
     if options["vae_on_gpu"]:

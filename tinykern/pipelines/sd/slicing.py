@@ -211,23 +211,16 @@ class _SlicedUpsample(ModelHook):
 
     def new_forward(self, module, hidden_states, output_size=None, *args, **kwargs):
         x = hidden_states
-        conv = getattr(module, "conv", None) if module.name == "conv" else getattr(module, "Conv2d_0", None)
-        sliceable = (not args and not kwargs and module.norm is None and not module.use_conv_transpose
-                     and module.interpolate and module.use_conv and conv is not None and _halo(conv) is not None
-                     and x.dim() == 4)
+        sliceable = not args and not kwargs and _upsample_sliceable(module) and x.dim() == 4
         if sliceable and output_size is not None:
             sliceable = tuple(output_size) == (2 * x.shape[2], 2 * x.shape[3])
         if not sliceable:
             return self.fn_ref.original_forward(hidden_states, output_size, *args, **kwargs)
-        batch, _, height, width = x.shape
-        height2, p = 2 * height, _halo(conv)
-        out = x.new_empty(batch, conv.out_channels, height2, 2 * width)
-        for b, r0, r1 in row_slices(batch, height2, 2 * width, self.pixels):
-            lo, hi = max(r0 - p, 0), min(r1 + p, height2)
-            i0, i1 = lo // 2, (hi + 1) // 2
-            up = F.interpolate(x[b:b + 1, :, i0:i1], scale_factor=2.0, mode="nearest")[:, :, lo - 2 * i0:hi - 2 * i0]
-            out[b:b + 1, :, r0:r1] = _rows_of(conv, up, r0, r1, lo)
-            del up
+        upsampled = _Upsampled(module, _Rows(x))
+        batch, _, height2, width2 = upsampled.shape
+        out = x.new_empty(upsampled.shape)
+        for b, r0, r1 in row_slices(batch, height2, width2, self.pixels):
+            out[b:b + 1, :, r0:r1] = upsampled.rows(b, r0, r1)
         return out
 
 
@@ -427,7 +420,7 @@ class _Upsampled:
 
     def __init__(self, upsampler, source):
         self.upsampler, self.source = upsampler, source
-        self.conv = upsampler.conv if upsampler.name == "conv" else upsampler.Conv2d_0
+        self.conv = _upsample_conv(upsampler)
         batch, _, height, width = source.shape
         self.shape = (batch, self.conv.out_channels, 2 * height, 2 * width)
 
@@ -442,8 +435,13 @@ class _Upsampled:
         return _rows_of(self.conv, up, r0, r1, lo)
 
 
+def _upsample_conv(module):
+    """An Upsample2D's conv (None without one): `conv`, or `Conv2d_0` under its older name."""
+    return getattr(module, "conv", None) if module.name == "conv" else getattr(module, "Conv2d_0", None)
+
+
 def _upsample_sliceable(module):
-    conv = getattr(module, "conv", None) if module.name == "conv" else getattr(module, "Conv2d_0", None)
+    conv = _upsample_conv(module)
     return (module.norm is None and not module.use_conv_transpose and module.interpolate and module.use_conv
             and conv is not None and _halo(conv) is not None)
 
