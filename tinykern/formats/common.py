@@ -7,6 +7,14 @@ import torch.nn.functional as F
 FP16_MAX = torch.finfo(torch.float16).max
 
 
+def check_finite(t, name, what):
+    """Raise ValueError "{name}: {what} holding NaN or Inf (...)" if `t` holds any."""
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        bad = (~finite).sum().item()
+        raise ValueError(f"{name}: {what} holding NaN or Inf ({bad} of {t.numel()} values)")
+
+
 def float32_in_range(w, name, fmt, low, high):
     """w as float32, after checking that it is finite and within [low, high], the range `fmt`
     can hold; raises ValueError naming `name` otherwise."""
@@ -14,15 +22,12 @@ def float32_in_range(w, name, fmt, low, high):
     if x.numel():
         # One pass in the common case: aminmax is NaN where any value is, failing both tests.
         lowest, highest = torch.aminmax(x)
-        if bool(lowest >= low) and bool(highest <= high):
+        if bool((lowest >= low) & (highest <= high)):
             return x
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        bad = (~finite).sum().item()
-        raise ValueError(f"{name}: cannot quantize a weight holding NaN or Inf ({bad} of {w.numel()} values)")
+    check_finite(w, name, "cannot quantize a weight")
     outside = (x < low) | (x > high)
-    if bool(outside.any()):
-        farthest = x.min() if x.min() < low else x.max()
+    if bool(outside.any()):  # then x is not empty and lowest/highest are its ends
+        farthest = lowest if lowest < low else highest
         raise ValueError(
             f"{name}: {fmt} holds weights in [{low:.9g}, {high:.9g}] (its block scales are fp16), but "
             f"{outside.sum().item()} of {w.numel()} values lie outside (the farthest: {farthest.item():.9g})"
