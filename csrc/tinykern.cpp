@@ -24,6 +24,13 @@ TORCH_LIBRARY(tinykern, m) {
   m.def("q8_0_quantize(Tensor x) -> Tensor");
   m.def("q8_0_dequantize(Tensor blocks, ScalarType dtype) -> Tensor");
   m.def("q8_0_matmul(Tensor x, Tensor w, Tensor? bias, bool exact=True) -> Tensor");
+  // Every GGML block format by its GGML type id (tinykern.formats.FORMATS[name].ggml_type; the
+  // per-format pieces are csrc/cpu/formats.h and csrc/cuda/formats.cuh). Same contracts as the
+  // q4k_* ops above; block_quantize is GGML's reference quantizer, byte for byte, where the
+  // format has one here (the CPU only).
+  m.def("block_dequantize(Tensor blocks, int ggml_type, ScalarType dtype) -> Tensor");
+  m.def("block_matmul(Tensor x, Tensor w, Tensor? bias, int ggml_type, bool exact=True) -> Tensor");
+  m.def("block_quantize(Tensor x, int ggml_type) -> Tensor");
   // x [N, D], codebooks [L, K, D] float32 -> (codes [N, L] int64, quantized [N, D] float32)
   m.def("rvq_encode(Tensor x, Tensor codebooks) -> (Tensor, Tensor)");
   // codes [N, L'] int32/int64 (-1 adds nothing), codebooks [L, K, D] -> [N, D] in codebooks.dtype

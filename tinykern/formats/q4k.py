@@ -15,6 +15,7 @@ from tinykern.formats.common import (
     native_quantize,
     round_to_fp16,
 )
+from tinykern.formats.record import Format
 
 BLOCK = 256
 BLOCK_BYTES = 144
@@ -190,3 +191,7 @@ def _exact_constants(x, d, dmin, sc, m, q):
     m = torch.where(neg[:, None], ones, torch.where(pos[:, None], zeros, m))
     q = torch.where(pos[:, None, None], torch.ones_like(q), torch.where(neg[:, None, None], torch.zeros_like(q), q))
     return d, dmin, sc, m, q
+
+
+FORMAT = Format(name="q4_k", ggml_type=12, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+                dequantize=dequantize, op_prefix="q4k", linear="Q4Linear", conv="Q4Conv2d")

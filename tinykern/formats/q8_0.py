@@ -3,6 +3,7 @@
 import torch
 
 from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize
+from tinykern.formats.record import Format
 
 BLOCK = 32
 BLOCK_BYTES = 34
@@ -42,3 +43,7 @@ def _round_half_away(v):
     a = v.abs()
     whole = a.floor()
     return torch.copysign(whole + (2 * (a - whole)).floor(), v)
+
+
+FORMAT = Format(name="q8_0", ggml_type=8, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+                dequantize=dequantize, linear="Q8Linear")
