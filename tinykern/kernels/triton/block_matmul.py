@@ -1,0 +1,204 @@
+"""Matmul and dequantize for any GGML block format in Triton, the format's decoder
+(tinykern.kernels.triton.decode) a tl.constexpr of one kernel per regime.
+
+Two regimes, by the number of rows M of x (the split of q4k_matmul.matmul_launch):
+
+- skinny (M <= 16): GEMV. A program owns SKINNY_BLOCK_N weight rows and a slab of K (split-K
+  when the row groups are too few to fill the GPU); each step of KS weights decodes a
+  [BLOCK_N, KS] fp32 tile and adds x * w into a [BLOCK_M, BLOCK_N, KS] accumulator, reduced
+  over KS once after the loop (no cross-thread reduction inside the loop).
+- wide (M > 16): tiled GEMM. Each K step of WIDE_BLOCK_K decodes a [BLOCK_K, BLOCK_N] tile in
+  registers, rounds it to x's dtype for one tl.dot with fp32 accumulation (3xTF32 for fp32 x).
+
+Weights at k >= K are never read (masked decodes), so row padding never meets x, whatever
+it holds. Q4_K and Q8_0 keep their tuned kernels as the registered ops; these kernels serve
+them too (tests compare) so that they could switch.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tinykern import backends
+from tinykern.kernels.triton.decode import DECODERS
+from tinykern.kernels.triton.q4k_matmul import matmul_launch, wide_configs
+from tinykern.kernels.triton.tiles import grouped_tile
+
+# Weights per wide K step: one tl.dot of K 64 on any dtype.
+WIDE_BLOCK_K = 64
+# Weights per dequantize program.
+DEQUANT_TILE = 1024
+# Formats whose registered ops stay their tuned kernels (q4k_matmul.py, q8_0_matmul.py).
+TUNED = ("q4_k", "q8_0")
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, n_steps, steps_per_split,
+                   stride_xm, stride_wn, stride_os, stride_om,
+                   HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DECODE: tl.constexpr, BLOCK: tl.constexpr, KS: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    w_row = (w_ptr + rn.to(tl.int64) * stride_wn)[:, None]
+    rows = tl.arange(0, BLOCK_M)
+    x_row = x_ptr + rows[:, None] * stride_xm
+    m_mask = (rows < ROWS)[:, None]
+    kk = tl.arange(0, KS)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, KS], tl.float32)
+    first = pid_s * steps_per_split
+    for s in range(first, tl.minimum(first + steps_per_split, n_steps)):
+        k = s * KS + kk
+        k_ok = (k < K)[None, :]
+        w = DECODE(w_row, (k // BLOCK)[None, :], (k % BLOCK)[None, :], n_mask[:, None] & k_ok)
+        xv = tl.load(x_row + k[None, :], mask=m_mask & k_ok, other=0).to(tl.float32)
+        acc += xv[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        if pid_s == 0:
+            y += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+    out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
+
+
+# BLOCK_BYTES (unique per format) keys the tuning too: one format's best tile is not another's.
+@triton.autotune(configs=wide_configs(), key=["M", "N", "K", "BLOCK_BYTES"])
+@triton.jit
+def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
+                 stride_xm, stride_wn, stride_om,
+                 HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                 DECODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    x_row = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_row = (w_ptr + rn.to(tl.int64) * stride_wn)[None, :]
+    dtype = x_ptr.dtype.element_ty
+    kk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for i in range(0, tl.cdiv(K, BLOCK_K)):
+        k = i * BLOCK_K + kk
+        k_ok = k < K
+        # [BLOCK_K, BLOCK_N]: transposed for tl.dot.
+        b = DECODE(w_row, (k // BLOCK)[:, None], (k % BLOCK)[:, None], k_ok[:, None] & n_mask[None, :])
+        a = tl.load(x_row + k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0)
+        acc = tl.dot(a, b.to(dtype), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
+    out = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, out_ptr, total, DECODE: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    # The blocks as one flat sequence of weights: rows are whole blocks, back to back.
+    k = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
+    ok = k < total
+    w = DECODE(w_ptr, k // BLOCK, k % BLOCK, ok)
+    tl.store(out_ptr + k, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class _WithMeta:
+    """A kernel whose launches get extra constexprs: matmul_launch passes the wide kernel only
+    the arguments every format shares."""
+
+    def __init__(self, kernel, **meta):
+        self.kernel, self.meta = kernel, meta
+
+    def __getitem__(self, grid):
+        return functools.partial(self.kernel[grid], **self.meta)
+
+
+def _decoder(fmt):
+    name = fmt if isinstance(fmt, str) else fmt.name
+    if name not in DECODERS:
+        raise ValueError(f"no Triton decoder for format {name!r}; expected one of {list(DECODERS)}")
+    return name, DECODERS[name]
+
+
+def skinny_step(block_m):
+    """Weights per skinny K step for block_m rows of x: the accumulator (block_m x 16 x KS
+    fp32 over 128 threads) stays at 8-32 registers a thread."""
+    return 64 if block_m <= 2 else 32 if block_m <= 4 else 16
+
+
+def _matmul(fmt, x, w, bias):
+    _, dec = _decoder(fmt)
+    M, K = x.shape
+    ks = skinny_step(triton.next_power_of_2(max(M, 1)))
+    n_steps = max(1, triton.cdiv(K, ks))  # one (fully masked) step when K is 0
+    wide = _WithMeta(_wide_kernel, DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes,
+                     BLOCK_K=WIDE_BLOCK_K)
+    return matmul_launch(_skinny_kernel, wide, x, w, bias, n_steps, n_steps,
+                         DECODE=dec.fn, BLOCK=dec.block, KS=ks)
+
+
+def _dequantize(fmt, blocks, dtype):
+    _, dec = _decoder(fmt)
+    nb = blocks.shape[-1] // dec.block_bytes
+    blocks = blocks.contiguous()
+    # The interpreter's fp32->bf16 cast truncates: there, round once in torch.
+    kernel_dtype = torch.float32 if dtype == torch.bfloat16 and not blocks.is_cuda else dtype
+    out = torch.empty((*blocks.shape[:-1], nb * dec.block), dtype=kernel_dtype, device=blocks.device)
+    total = out.numel()
+    if total:
+        with torch.cuda.device(blocks.device.index if blocks.is_cuda else -1):
+            _dequantize_kernel[(triton.cdiv(total, DEQUANT_TILE),)](
+                blocks, out, total, DECODE=dec.fn, BLOCK=dec.block, TILE=DEQUANT_TILE)
+    return out.to(dtype)
+
+
+@torch.library.custom_op("tinykern::block_matmul_triton", mutates_args=())
+def _matmul_op(fmt: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _matmul(fmt, x, w, bias)
+
+
+@_matmul_op.register_fake
+def _(fmt, x, w, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("tinykern::block_dequantize_triton", mutates_args=())
+def _dequantize_op(fmt: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _dequantize(fmt, blocks, dtype)
+
+
+@_dequantize_op.register_fake
+def _(fmt, blocks, dtype):
+    _, dec = _decoder(fmt)
+    return blocks.new_empty((*blocks.shape[:-1], blocks.shape[-1] // dec.block_bytes * dec.block), dtype=dtype)
+
+
+def block_matmul_triton(fmt, x, w, bias=None):
+    """x [M, K] @ dequant(w [N, nb*block_bytes]).T (+ bias [N]) -> [M, N] in x.dtype, K <=
+    nb*block; fmt a DECODERS name or a tinykern.formats record."""
+    return _matmul_op(_decoder(fmt)[0], x, w, bias)
+
+
+def block_dequantize_triton(fmt, blocks, dtype=torch.float32):
+    """Blocks uint8 [..., nb*block_bytes] -> [..., nb*block] in dtype (computed in fp32 as
+    gguf-py does, then rounded once)."""
+    return _dequantize_op(_decoder(fmt)[0], blocks, dtype)
+
+
+def op_name(name, kind):
+    """The registry's name of format `name`'s `kind` op: its record's where it has one (e.g.
+    "q4k_matmul"), else f"{name}_{kind}"."""
+    from tinykern.formats import FORMATS
+
+    fmt = FORMATS.get(name)
+    return fmt.op(kind) if fmt is not None else f"{name}_{kind}"
+
+
+for _name in DECODERS:
+    if _name not in TUNED:
+        backends.register(op_name(_name, "matmul"), "triton")(functools.partial(block_matmul_triton, _name))
+        backends.register(op_name(_name, "dequantize"), "triton")(functools.partial(block_dequantize_triton, _name))
