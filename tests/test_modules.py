@@ -149,7 +149,7 @@ def test_linear_extra_repr(cls, gen):
     module = cls.from_linear(make_linear(gen, 100, 12))
     text = repr(module)
     assert cls.__name__ in text
-    assert f"format={cls.FORMAT_NAME}" in text
+    assert f"format={cls.FORMAT}" in text
     assert f"bytes={module.qweight.numel()}" in text
     assert "in_features=100" in text and "out_features=12" in text
 

@@ -14,14 +14,14 @@ import torch
 from conftest import DEVICES, forced, relative_error
 
 from tinykern import _ext, backends, ops
-from tinykern.formats import q4k, q8_0
+from tinykern.formats import FORMATS, q4k, q8_0
 from tinykern.kernels import native  # noqa: F401  (registers the fake kernels)
 from tinykern.kernels.torch import rvq as rvq_reference
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"tinykern._C is not built ({_ext.ERROR})")
 
 FP32_BOUND = 1e-5
-FORMATS = {"q4k": q4k, "q8_0": q8_0}
+_FORMATS = {"q4k": q4k, "q8_0": q8_0}
 # Feature counts per format: whole blocks, padded rows (320 and 2880 are SD1.5 row lengths), and
 # for q4k one that is not a multiple of 4 (the CUDA GEMV then pads x).
 K_VALUES = {"q4k": (256, 320, 1001, 2880, 4096), "q8_0": (256, 300, 2890, 4096)}
@@ -51,15 +51,15 @@ def path(request, monkeypatch):
 
 def make_weight(gen, fmt, n, k):
     """Rows for k features; the row padding holds random weights too (they must never count)."""
-    block = FORMATS[fmt].BLOCK
+    block = _FORMATS[fmt].BLOCK
     padded = -(-k // block) * block
-    return FORMATS[fmt].quantize(torch.randn(n, padded, generator=gen) * 0.5)
+    return _FORMATS[fmt].quantize(torch.randn(n, padded, generator=gen) * 0.5)
 
 
 def random_blocks(gen, fmt, shape):
     """Random bytes with a finite fp16 d (and dmin) in every block: any code, any scale byte,
     subnormal, negative or huge scales."""
-    fm = FORMATS[fmt]
+    fm = _FORMATS[fmt]
     blocks = torch.randint(0, 256, (*shape, fm.BLOCK_BYTES), dtype=torch.uint8, generator=gen)
     scales = 2 if fmt == "q4k" else 1
     bits = torch.randint(0, 1 << 16, (*shape, scales), generator=gen, dtype=torch.int32)
@@ -77,21 +77,21 @@ def same_bits(a, b):
 # ----------------------------------------------------------------------------------- dequantize
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("source", ["quantized", "random_bytes"])
 @WITH_PATH
 def test_dequantize_is_bit_exact(path, fmt, dtype, source, gen):
     if source == "quantized":
-        blocks = make_weight(gen, fmt, 15, 3 * FORMATS[fmt].BLOCK).reshape(3, 5, -1)
+        blocks = make_weight(gen, fmt, 15, 3 * _FORMATS[fmt].BLOCK).reshape(3, 5, -1)
     else:
         blocks = random_blocks(gen, fmt, (3, 5, 7))
-    expected = FORMATS[fmt].dequantize(blocks, dtype)
+    expected = _FORMATS[fmt].dequantize(blocks, dtype)
     got = getattr(torch.ops.tinykern, f"{fmt}_dequantize")(blocks.to(path), dtype)
     assert same_bits(got, expected)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @WITH_PATH
 def test_dequantize_reads_unaligned_views(path, fmt, gen):
     blocks = random_blocks(gen, fmt, (4, 3))
@@ -99,14 +99,14 @@ def test_dequantize_reads_unaligned_views(path, fmt, gen):
     storage[1:] = blocks.reshape(-1)
     view = storage.to(path)[1:].view(blocks.shape)  # one byte past an aligned address
     got = getattr(torch.ops.tinykern, f"{fmt}_dequantize")(view, torch.float32)
-    assert same_bits(got, FORMATS[fmt].dequantize(blocks))
+    assert same_bits(got, _FORMATS[fmt].dequantize(blocks))
 
 
 # ----------------------------------------------------------------------------------------- matmul
 
 
 def reference(x, w, fmt, k, bias):
-    y = x.double().cpu() @ FORMATS[fmt].dequantize(w.cpu(), torch.float64)[:, :k].T
+    y = x.double().cpu() @ _FORMATS[fmt].dequantize(w.cpu(), torch.float64)[:, :k].T
     return y if bias is None else y + bias.double().cpu()
 
 
@@ -131,7 +131,7 @@ def test_matmul_fp32(path, fmt, m, k, n, with_bias, gen):
     assert relative_error(got, reference(x, w, fmt, k, bias)) < FP32_BOUND
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 5, 64])
 @WITH_PATH
@@ -141,14 +141,14 @@ def test_matmul_half_within_twice_torch_error(path, fmt, dtype, m, gen):
     x = torch.randn(m, k, generator=gen).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype)
     expected = reference(x, w, fmt, k, bias)
-    dense = FORMATS[fmt].dequantize(w, dtype)[:, :k].to(path)
+    dense = _FORMATS[fmt].dequantize(w, dtype)[:, :k].to(path)
     torch_error = relative_error(torch.nn.functional.linear(x.to(path), dense, bias.to(path)), expected)
     got = getattr(torch.ops.tinykern, f"{fmt}_matmul")(x.to(path), w.to(path), bias.to(path))
     assert got.dtype == dtype
     assert relative_error(got, expected) <= 2 * torch_error
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @WITH_PATH
 def test_matmul_takes_any_float_bias_and_unaligned_weights(path, fmt, gen):
     k, n = K_VALUES[fmt][1], 9
@@ -162,7 +162,7 @@ def test_matmul_takes_any_float_bias_and_unaligned_weights(path, fmt, gen):
     assert relative_error(got, reference(x, w, fmt, k, bias)) < FP32_BOUND
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @WITH_PATH
 def test_matmul_empty_shapes(path, fmt, gen):
     matmul = getattr(torch.ops.tinykern, f"{fmt}_matmul")
@@ -258,7 +258,7 @@ FAST_BOUND = 7e-3
 
 
 @pytest.mark.parametrize("simd", ["best", "avx512", "avx2", "scalar"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", _FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matmul_fast_path(simd, fmt, dtype, monkeypatch, gen):
     """exact=False from 256 rows: bf16 on AMX (within FAST_BOUND of float64, or 2x torch's own
@@ -282,7 +282,7 @@ def test_matmul_fast_path(simd, fmt, dtype, monkeypatch, gen):
         expected = reference(x, w, fmt, k, bias)
         bound = FAST_BOUND
         if dtype == torch.bfloat16:
-            dense = FORMATS[fmt].dequantize(w)[:, :k].bfloat16()
+            dense = _FORMATS[fmt].dequantize(w)[:, :k].bfloat16()
             bound = 2 * relative_error(torch.nn.functional.linear(x, dense, bias.bfloat16()), expected) + 1e-5
         assert relative_error(fast, expected) < bound, (m, relative_error(fast, expected), bound)
 
@@ -344,7 +344,8 @@ def test_opcheck(device, gen):
 @pytest.mark.parametrize("device", DEVICES)
 def test_registered_for_the_native_backend(device, gen):
     backend = "cuda" if device == "cuda" else "cpu"
-    for name in native.NATIVE_OPS + ("q4k_conv2d", "q4k_conv2d_grouped"):
+    names = [fmt.op(kind) for fmt in FORMATS.values() for kind in ("dequantize", "matmul", "conv2d", "conv2d_grouped")]
+    for name in names + ["rvq_encode", "rvq_decode"]:
         assert backends.unavailable_reason(backend, device, name) is None, name
     w = make_weight(gen, "q4k", 12, 2 * 3 * 3)
     x = torch.randn(2, 4, 9, 9, generator=gen).to(device)

@@ -5,7 +5,7 @@ import torch
 from conftest import relative_error
 from torch import nn
 
-from tinykern import Q4Conv2d, Q4Linear, Q8Linear, QuantConfig, QuantReport, quantize_
+from tinykern import Q4Conv2d, Q4Linear, Q8Linear, QuantConfig, QuantConv2d, QuantReport, quantize_
 from tinykern.quantize import quantized_modules
 
 
@@ -155,8 +155,9 @@ def test_overrides_q8_0_and_fp16(gen):
     assert by_name["blocks.0.attn.to_q"].bytes_after == 128 * 4 * 34
     assert type(model.blocks[0].attn.to_k) is Q4Linear
     assert type(model.head) is nn.Linear and by_name["head"].note == "kept dense by override"
-    # No Q8_0 conv exists: the conv stays dense and says why.
-    assert type(model.blocks[1].conv1) is nn.Conv2d and "q8_0" in by_name["blocks.1.conv1"].note
+    # Every format has a conv: the generic QuantConv2d holds Q8_0.
+    assert type(model.blocks[1].conv1) is QuantConv2d and model.blocks[1].conv1.format.name == "q8_0"
+    assert by_name["blocks.1.conv1"].format == "q8_0" and by_name["blocks.1.conv1"].rel_error < 0.01
     assert type(model.blocks[0].conv1) is Q4Conv2d
 
 
@@ -172,7 +173,7 @@ def test_weight_format_q8_0(gen):
     model = make_model(gen)
     report = quantize_(model, QuantConfig(weight="q8_0"))
     assert type(model.head) is Q8Linear
-    assert rows(report)["blocks.0.conv1"].format == "dense"
+    assert rows(report)["blocks.0.conv1"].format == "q8_0"
 
 
 def test_min_features(gen):

@@ -10,52 +10,80 @@ reference gives +-Inf. rvq_encode's rule is in its docstring.
 
 import torch
 
-from tinykern import backends
-from tinykern.formats import q4k, q8_0
+from tinykern import backends, formats
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 backends.preload(device_types=("cpu",))
 
 
+def dequantize(blocks, format, dtype=torch.float32):
+    """Blocks of `format` (a key of tinykern.formats.FORMATS, or its record) uint8
+    [..., nb*block_bytes] -> dense [..., nb*block] of dtype."""
+    fmt = formats.get(format, "dequantize")
+    op = fmt.op("dequantize")
+    _check_blocks(op, blocks, fmt.block_bytes)
+    return _run(op, blocks.device, blocks, dtype)
+
+
+def matmul(x, blocks, format, bias=None):
+    """x [..., K] @ dequant(blocks).T + bias, blocks the rows of `format` [N, nb*block_bytes]
+    with K <= nb*block (the row padding never meets x). Non-finite x: see the module docstring."""
+    fmt = formats.get(format, "matmul")
+    op = fmt.op("matmul")
+    k = x.shape[-1] if x.dim() else 0
+    _check_weight(op, x, blocks, bias, k, fmt)
+    y = _run(op, x.device, x.reshape(-1, k).contiguous(), blocks, bias)
+    return y.reshape(*x.shape[:-1], blocks.shape[0])
+
+
+def conv2d(x, blocks, format, kernel_size, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Conv2d of x [B, C, H, W] with rows of `format` blocks [out, nb*block_bytes] holding each
+    output channel's (C/groups)*kh*kw weights in F.unfold order, zero-padded to whole blocks.
+    padding is an int, a pair, "valid" or "same" (stride 1 and an odd dilated kernel extent
+    only: the padding is symmetric)."""
+    fmt = formats.get(format, "conv2d")
+    op = fmt.op("conv2d")
+    kh, kw = _pair(kernel_size)
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [B, C, H, W], got {list(x.shape)}")
+    in_channels = x.shape[1]
+    if in_channels % groups or blocks.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups} must divide in_channels={in_channels} and out_channels={blocks.shape[0]}")
+    _check_weight(op, x, blocks, bias, in_channels // groups * kh * kw, fmt)
+    padding = _conv_padding(op, padding, (kh, kw), stride, dilation)
+    # Grouped convs are a separate op so that backends without them say so.
+    if groups != 1:
+        op = fmt.op("conv2d_grouped")
+    return _run(op, x.device, x, blocks, bias, (kh, kw), _pair(stride), padding, _pair(dilation), groups)
+
+
 def q4k_dequantize(blocks, dtype=torch.float32):
     """Q4_K blocks [..., nb*144] uint8 -> dense [..., nb*256]."""
-    _check_blocks("q4k_dequantize", blocks, q4k.BLOCK_BYTES)
-    return _run("q4k_dequantize", blocks.device, blocks, dtype)
+    return dequantize(blocks, "q4_k", dtype)
 
 
 def q8_0_dequantize(blocks, dtype=torch.float32):
     """Q8_0 blocks [..., nb*34] uint8 -> dense [..., nb*32]."""
-    _check_blocks("q8_0_dequantize", blocks, q8_0.BLOCK_BYTES)
-    return _run("q8_0_dequantize", blocks.device, blocks, dtype)
+    return dequantize(blocks, "q8_0", dtype)
 
 
 def q4k_matmul(x, w, bias=None):
     """x [..., K] @ dequant(w).T + bias, w the Q4_K rows [N, nb*144] with K <= nb*256.
     Non-finite x: see the module docstring."""
-    return _matmul("q4k_matmul", x, w, bias, q4k)
+    return matmul(x, w, "q4_k", bias)
 
 
 def q8_0_matmul(x, w, bias=None):
     """x [..., K] @ dequant(w).T + bias, w the Q8_0 rows [N, nb*34] with K <= nb*32.
     Non-finite x: see the module docstring."""
-    return _matmul("q8_0_matmul", x, w, bias, q8_0)
+    return matmul(x, w, "q8_0", bias)
 
 
 def q4k_conv2d(x, w, bias, in_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1):
-    """Conv2d of x [B, C, H, W] with Q4_K rows w [out, nb*144] holding each output channel's
-    (in_channels/groups)*kh*kw weights in F.unfold order, zero-padded to nb*256. padding is an
-    int, a pair, "valid" or "same" (stride 1 and an odd dilated kernel extent only: the padding
-    is symmetric)."""
-    kh, kw = _pair(kernel_size)
+    """conv2d(x, w, "q4_k", ...), checking that x has `in_channels` channels."""
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"q4k_conv2d: x must be [B, {in_channels}, H, W], got {list(x.shape)}")
-    if in_channels % groups or w.shape[0] % groups:
-        raise ValueError(f"q4k_conv2d: groups={groups} must divide in_channels={in_channels} and out_channels={w.shape[0]}")
-    _check_weight("q4k_conv2d", x, w, bias, in_channels // groups * kh * kw, q4k)
-    padding = _conv_padding("q4k_conv2d", padding, (kh, kw), stride, dilation)
-    # Grouped convs are a separate op so that backends without them say so.
-    op = "q4k_conv2d" if groups == 1 else "q4k_conv2d_grouped"
-    return _run(op, x.device, x, w, bias, (kh, kw), _pair(stride), padding, _pair(dilation), groups)
+    return conv2d(x, w, "q4_k", kernel_size, bias, stride, padding, dilation, groups)
 
 
 def rvq_encode(x, codebooks):
@@ -93,24 +121,17 @@ def _run(op, device, *args):
     return backends.resolve(op, device)[1](*args)
 
 
-def _matmul(op, x, w, bias, fmt):
-    k = x.shape[-1] if x.dim() else 0
-    _check_weight(op, x, w, bias, k, fmt)
-    y = _run(op, x.device, x.reshape(-1, k).contiguous(), w, bias)
-    return y.reshape(*x.shape[:-1], w.shape[0])
-
-
 def _check_weight(op, x, w, bias, k, fmt):
     if x.dtype not in _FLOATS:
         raise ValueError(f"{op}: x must be float32/float16/bfloat16, got {x.dtype}")
-    _check_blocks(op, w, fmt.BLOCK_BYTES)
+    _check_blocks(op, w, fmt.block_bytes)
     if w.dim() != 2:
-        raise ValueError(f"{op}: w must be 2-D [N, nb*{fmt.BLOCK_BYTES}], got {list(w.shape)}")
-    padded = w.shape[1] // fmt.BLOCK_BYTES * fmt.BLOCK
-    if not padded - fmt.BLOCK < k <= padded:
+        raise ValueError(f"{op}: w must be 2-D [N, nb*{fmt.block_bytes}], got {list(w.shape)}")
+    padded = w.shape[1] // fmt.block_bytes * fmt.block
+    if not padded - fmt.block < k <= padded:
         raise ValueError(
             f"{op}: x has {k} features (shape {list(x.shape)}) but w {list(w.shape)} holds rows of "
-            f"{padded} weights; expected {padded - fmt.BLOCK + 1}..{padded}"
+            f"{padded} weights; expected {padded - fmt.block + 1}..{padded}"
         )
     if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype not in _FLOATS):
         raise ValueError(f"{op}: bias must be float32/float16/bfloat16 of shape [{w.shape[0]}], "

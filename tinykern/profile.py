@@ -6,7 +6,7 @@
     with tinykern.profile.stage("vae decode"):   # a pipeline stage, when profiling is on
         image = vae.decode(latents)
 
-Each quantized module's forward (Q4Linear, Q8Linear, Q4Conv2d, and tinykern.nn.residual_vq's
+Each quantized module's forward (QuantLinear, QuantConv2d and their Q4/Q8 subclasses, and tinykern.nn.residual_vq's
 ResidualVQ) becomes a range named after its path in the model: a torch.profiler.record_function
 range always, and an NVTX range (torch.cuda.nvtx) too when its input is on CUDA, so both
 torch.profiler and Nsight Systems show the names.
@@ -96,9 +96,9 @@ def stage(name):
 @functools.cache
 def quantized_types():
     """The module classes whose forward gets a range."""
-    from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+    from tinykern.nn import QuantConv2d, QuantLinear
 
-    types = [Q4Linear, Q8Linear, Q4Conv2d]
+    types = [QuantLinear, QuantConv2d]
     try:
         from tinykern.nn.residual_vq import ResidualVQ
     except ImportError:

@@ -7,10 +7,9 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.formats import FORMATS
+from tinykern.nn import QuantConv2d, QuantLinear
 
-_LINEAR = {"q4_k": Q4Linear, "q8_0": Q8Linear}
-_CONV = {"q4_k": Q4Conv2d}
 DENSE = "fp16"  # an override that keeps a layer dense, in whatever dtype the model has
 
 
@@ -18,10 +17,11 @@ DENSE = "fp16"  # an override that keeps a layer dense, in whatever dtype the mo
 class QuantConfig:
     """Which layers quantize_ converts, and to what.
 
-    weight: the format of every selected layer, "q4_k" or "q8_0".
+    weight: the format of every selected layer, a key of tinykern.formats.FORMATS ("q4_k",
+        "q8_0", "q5_k", ...) whose record has a quantizer.
     skip: glob patterns of module names left dense.
-    overrides: {glob pattern: "q4_k" | "q8_0" | "fp16"}; the first matching pattern wins and
-        "fp16" keeps the layer dense.
+    overrides: {glob pattern: a format | "fp16"}; the first matching pattern wins and "fp16"
+        keeps the layer dense.
     min_features: layers whose row (in_features, or in_channels/groups*kh*kw) is shorter stay
         dense: their packed rows would be mostly padding.
     convs: also convert nn.Conv2d (depthwise convs, one input channel per group, stay dense).
@@ -39,9 +39,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig: skip must be a list of glob patterns, got {self.skip!r}")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"QuantConfig: overrides must be a dict {{pattern: format}}, got {self.overrides!r}")
+        writable = [name for name, fmt in FORMATS.items() if fmt.quantize is not None]
         for fmt in [self.weight, *self.overrides.values()]:
-            if fmt not in (*_LINEAR, DENSE):
-                raise ValueError(f"QuantConfig: unknown format {fmt!r}; expected one of {[*_LINEAR, DENSE]}")
+            if fmt not in (*writable, DENSE):
+                raise ValueError(f"QuantConfig: unknown format {fmt!r}; expected one of {[*writable, DENSE]}")
 
     def format_for(self, name, module):
         """The format `module` (at path `name`) gets, or None with the reason it stays dense."""
@@ -59,8 +60,6 @@ class QuantConfig:
                 return None, f"padding_mode={module.padding_mode!r}"
             if module.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(module.dilation, module.kernel_size)):
                 return None, "asymmetric padding='same'"
-            if fmt not in _CONV:
-                return None, f"no {fmt} conv"
             row = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
         else:
             row = module.in_features
@@ -73,7 +72,7 @@ class QuantConfig:
 class LayerReport:
     name: str
     kind: str
-    format: str  # "q4_k", "q8_0" or "dense"
+    format: str  # a key of tinykern.formats.FORMATS, or "dense"
     bytes_before: int
     bytes_after: int
     rel_error: float | None  # ||W - dequant(W)|| / ||W||; None on the meta device or when dense
@@ -98,7 +97,7 @@ class QuantReport(list):
 
 def quantize_(model, config=None):
     """Replace, in place, every nn.Linear and nn.Conv2d of `model` that `config` selects with
-    Q4Linear / Q8Linear / Q4Conv2d, and return a QuantReport. All or nothing: every layer is
+    QuantLinear / QuantConv2d (Q4Linear, Q8Linear, Q4Conv2d for their formats), and return a QuantReport. All or nothing: every layer is
     quantized before any is swapped, so a refused weight or bias (ValueError naming it) leaves
     the model as it was, and a swap that fails puts back the layers already swapped and raises
     ValueError naming the layer. Subclasses of nn.Linear / nn.Conv2d stay dense (their forward
@@ -131,7 +130,11 @@ def quantize_(model, config=None):
             continue
         if not name:
             raise ValueError("quantize_ replaces layers inside a model; wrap a bare layer in a container")
-        layer = Q4Conv2d.from_conv(module, name) if kind == "Conv2d" else _LINEAR[fmt].from_linear(module, name)
+        record = FORMATS[fmt]
+        if kind == "Conv2d":
+            layer = record.conv_class.from_conv(module, name, format=fmt)
+        else:
+            layer = record.linear_class.from_linear(module, name, format=fmt)
         new[id(module)] = layer
         swaps.append((name, layer))
         report.append(LayerReport(name, kind, fmt, before, layer.qweight.numel(), _rel_error(module.weight, layer)))
@@ -156,7 +159,7 @@ def _swap_all(model, swaps):
 
 def quantized_modules(model):
     """(name, module) of every tinykern quantized module in `model`."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (Q4Linear, Q8Linear, Q4Conv2d))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
 
 
 def _replace(model, name, new):

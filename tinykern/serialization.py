@@ -25,7 +25,8 @@ import zlib
 import torch
 from torch import nn
 
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.formats import FORMATS
+from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear, QuantConv2d, QuantLinear
 from tinykern.nn.linear import BIAS_DTYPES, check_bias
 from tinykern.ops import _conv_padding
 from tinykern.quantize import _replace
@@ -36,9 +37,7 @@ _TEMP_SUFFIX = ".tinykern-tmp"
 _STALE_AFTER_S = 600  # a dead save's temp is removed once this old (by mtime): see _remove_stale_temps
 _MAX_COUNT = 2**63  # elements of a shape: what torch's int64 sizes hold
 
-_TYPES = {cls.__name__: cls for cls in (Q4Linear, Q8Linear, Q4Conv2d)}
-_REPLACES = {Q4Linear: (nn.Linear, Q4Linear, Q8Linear), Q8Linear: (nn.Linear, Q4Linear, Q8Linear),
-             Q4Conv2d: (nn.Conv2d, Q4Conv2d)}  # the layers (exact types) each may stand in for
+_TYPES = {cls.__name__: cls for cls in (QuantLinear, Q4Linear, Q8Linear, QuantConv2d, Q4Conv2d)}
 _LINEAR_ARGS = ("in_features", "out_features")
 _CONV_ARGS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups")
 _PAIRS = ("kernel_size", "stride", "padding", "dilation")
@@ -148,6 +147,8 @@ def _usable_device(path, device):
 
 def _spec(module):
     spec = {"type": type(module).__name__, **_geometry(module)}
+    if type(module).FORMAT is None:  # the generic classes name their format
+        spec["format"] = module.format.name
     if module.bias is not None:
         spec["bias_dtype"] = _dtype_name(module.bias.dtype)
     return spec
@@ -361,17 +362,22 @@ def _build(path, name, spec, layer):
     cls = _TYPES.get(spec.get("type")) if isinstance(spec, dict) and isinstance(spec.get("type"), str) else None
     if cls is None:
         raise ValueError(f"{where}: spec {reprlib.repr(spec)} names none of the types {sorted(_TYPES)}")
-    args = _CONV_ARGS if cls is Q4Conv2d else _LINEAR_ARGS
-    keys = {"type", "bias", *args, *(("bias_dtype",) if spec.get("bias") is True else ())}
+    conv = issubclass(cls, QuantConv2d)
+    args = _CONV_ARGS if conv else _LINEAR_ARGS
+    keys = {"type", "bias", *args, *(("bias_dtype",) if spec.get("bias") is True else ()),
+            *(("format",) if cls.FORMAT is None else ())}
     if spec.keys() != keys:
         raise ValueError(f"{where}: spec keys {sorted(spec)}, expected {sorted(keys)}")
     if not (all(_is_pair(spec[a], 0 if a == "padding" else 1) if a in _PAIRS else _is_int(spec[a], 1) for a in args)
-            and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPE_NAMES[0]) in _BIAS_DTYPE_NAMES):
+            and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPE_NAMES[0]) in _BIAS_DTYPE_NAMES
+            and spec.get("format", next(iter(FORMATS))) in FORMATS):
         raise ValueError(f"{where}: malformed spec {reprlib.repr(spec)}")
-    if type(layer) not in _REPLACES[cls]:
+    # A quantized layer stands in for the dense layer of its kind, or another quantized one.
+    dense, quantized = (nn.Conv2d, QuantConv2d) if conv else (nn.Linear, QuantLinear)
+    if not (type(layer) is dense or isinstance(layer, quantized)):
         found = "nothing" if layer is None else f"a {type(layer).__name__}"
-        raise ValueError(f"{where} has no place in this model: {found} there, where a {cls.__name__} needs one of "
-                         f"{[t.__name__ for t in _REPLACES[cls]]}")
+        raise ValueError(f"{where} has no place in this model: {found} there, where a {cls.__name__} needs an "
+                         f"nn.{dense.__name__} or a {quantized.__name__}")
     wanted = {a: tuple(v) if a in _PAIRS else v for a, v in spec.items() if a in (*args, "bias")}
     differs = {k: (wanted.get(k), v) for k, v in _geometry(layer).items() if wanted.get(k) != v}
     if differs:
@@ -385,11 +391,11 @@ def _build(path, name, spec, layer):
 
 def _geometry(layer):
     """What a quantized module must repeat of the Linear or Conv2d it replaces, padding as numbers."""
-    conv = isinstance(layer, (nn.Conv2d, Q4Conv2d))
+    conv = isinstance(layer, (nn.Conv2d, QuantConv2d))
     geometry = {a: getattr(layer, a) for a in (_CONV_ARGS if conv else _LINEAR_ARGS)}
     geometry["bias"] = layer.bias is not None
     if isinstance(layer, nn.Conv2d):
-        if layer.padding_mode != "zeros":  # Q4Conv2d pads with zeros: no spec matches another mode
+        if layer.padding_mode != "zeros":  # QuantConv2d pads with zeros: no spec matches another mode
             geometry["padding_mode"] = layer.padding_mode
         if isinstance(layer.padding, str):
             with contextlib.suppress(ValueError):  # an asymmetric "same" has no numeric form and matches nothing

@@ -62,8 +62,10 @@ def fp16_from_bytes(b):
 
 
 def quantize_rows(fmt, rows, name):
-    """rows [n, K] (any float dtype) zero-padded to whole blocks of `fmt` (a tinykern.formats
-    module) and quantized by it: uint8 [n, ceil(K / fmt.BLOCK) * fmt.BLOCK_BYTES]."""
+    """rows [n, K] (any float dtype) zero-padded to whole blocks of `fmt` (a Format record) and
+    quantized by it: uint8 [n, fmt.row_bytes(K)]. Raises ValueError naming `name` if the format
+    has no quantizer."""
+    if fmt.quantize is None:
+        raise ValueError(f"{name}: tinykern reads and runs {fmt.name} but does not quantize to it")
     features = rows.shape[-1]
-    padded = -(-features // fmt.BLOCK) * fmt.BLOCK
-    return fmt.quantize(F.pad(rows.float(), (0, padded - features)), name=name)
+    return fmt.quantize(F.pad(rows.float(), (0, fmt.padded(features) - features)), name=name)

@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tinykern.formats import FORMATS
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.formats.common import quantize_rows
+from tinykern.nn import QuantConv2d, QuantLinear
 from tinykern.pipelines.sd import ldm
 from tinykern.pipelines.sd.layout import SDQuantConfig, move, quantize_on, warn_if_slow
 from tinykern.pipelines.sd.pipeline import TinySDPipeline, stage
@@ -130,7 +130,7 @@ def _write_pipeline(pipe, out):
         save_quantized(module, out / name / WEIGHTS)
     pipe.scheduler.save_config(out / "scheduler")
     pipe.tokenizer.save_pretrained(out / "tokenizer")
-    formats = {name: sorted({_format_name(m) for _, m in quantized_modules(getattr(pipe, name))}) for name in COMPONENTS}
+    formats = {name: sorted({m.format.name for _, m in quantized_modules(getattr(pipe, name))}) for name in COMPONENTS}
     (out / MARKER).write_text(json.dumps({"format": "tinykern-sd", "version": 1, "formats": formats}, indent=1))
 
 
@@ -162,10 +162,6 @@ def _kind(path):
         return "single_file"
     raise ValueError(f"{path}: expected a diffusers folder, a .safetensors single file, a .gguf file or a tinykern "
                      f"folder; .ckpt pickles are not loaded (convert them to safetensors first)")
-
-
-def _format_name(module):
-    return getattr(module, "FORMAT_NAME", "q4_k")  # Q4Conv2d is Q4_K only
 
 
 def _scheduler(folder):
@@ -365,23 +361,22 @@ def _unet_from_gguf(path, unet_config, qconfig):
         quantize_(unet, cfg)
     state, adopted, requantized = {}, 0, []
     for name, module in list(unet.named_modules()):
-        if not isinstance(module, (Q4Linear, Q8Linear, Q4Conv2d)):
+        if not isinstance(module, (QuantLinear, QuantConv2d)):
             continue
         t = tensors.pop(name + ".weight", None)
         if t is None:
             raise ValueError(f"{path}: no tensor for {name}.weight")
-        packed = {"Q4_K": Q4Linear, "Q8_0": Q8Linear}.get(t.type)
-        if packed is not None and isinstance(module, (Q4Linear, Q8Linear)) and tuple(t.shape) == (module.out_features, module.in_features):
+        packed = FORMATS.get(t.type.lower())
+        if packed is not None and isinstance(module, QuantLinear) and tuple(t.shape) == (module.out_features, module.in_features):
             bias = tensors.pop(name + ".bias", None)
-            _replace(unet, name, packed.from_packed(t.data, module.in_features, None if bias is None else _gguf_dense(bias)))
+            bias = None if bias is None else _gguf_dense(bias)
+            _replace(unet, name, packed.linear_class.from_packed(t.data, module.in_features, bias, format=packed))
             adopted += 1
             continue
         if t.type not in ("F16", "F32", "BF16"):
             requantized.append(f"{name} ({t.type})")
-        fmt = FORMATS[_format_name(module)]
         rows = _gguf_dense(t).reshape(module.qweight.shape[0], -1)
-        padded = module.qweight.shape[1] // fmt.BLOCK_BYTES * fmt.BLOCK
-        state[name + ".qweight"] = fmt.quantize(F.pad(rows, (0, padded - rows.shape[1])), name=name)
+        state[name + ".qweight"] = quantize_rows(module.format, rows, name)
     if requantized:
         log.info("%s: dequantized and re-quantized %d tensors whose blocks do not line up with output channels: %s",
                  path.name, len(requantized), ", ".join(requantized))
@@ -404,10 +399,8 @@ def _gguf_dense(t):
     """A GGUFTensor as a float32 tensor of its logical shape."""
     if t.type in ("F16", "F32", "BF16"):
         return t.data.float()
-    if t.type == "Q4_K":
-        return FORMATS["q4_k"].dequantize(t.data).reshape(t.shape)
-    if t.type == "Q8_0":
-        return FORMATS["q8_0"].dequantize(t.data).reshape(t.shape)
+    if t.type.lower() in FORMATS:
+        return FORMATS[t.type.lower()].dequantize(t.data).reshape(t.shape)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinykern.formats import FORMATS
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear
+from tinykern.formats.common import quantize_rows
+from tinykern.nn import QuantConv2d, QuantLinear
 from tinykern.pipelines.sd import ldm
 
-_TARGETS = (nn.Linear, nn.Conv2d, Q4Linear, Q8Linear, Q4Conv2d)
-_CONVS = (nn.Conv2d, Q4Conv2d)
+_TARGETS = (nn.Linear, nn.Conv2d, QuantLinear, QuantConv2d)
+_CONVS = (nn.Conv2d, QuantConv2d)
 # (key suffix, role); longer, more specific suffixes first.
 _SUFFIXES = (
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
@@ -277,7 +277,5 @@ def _merge(target, branch):
     if not hasattr(target, "qweight"):
         target.weight.data += delta.to(target.weight.dtype)
         return
-    fmt = FORMATS[getattr(target, "FORMAT_NAME", "q4_k")]
     rows = (target.dequantize(torch.float32) + delta).reshape(target.qweight.shape[0], -1)
-    padded = target.qweight.shape[1] // fmt.BLOCK_BYTES * fmt.BLOCK
-    target.qweight.copy_(fmt.quantize(F.pad(rows, (0, padded - rows.shape[1])), name=f"{type(target).__name__} + LoRA"))
+    target.qweight.copy_(quantize_rows(target.format, rows, f"{type(target).__name__} + LoRA"))

@@ -10,9 +10,12 @@ input's dtype and adds the branch into the layer's output in place.
 import torch
 
 from tinykern import ops
-from tinykern.formats import q8_0
+from tinykern.formats import FORMATS
 from tinykern.formats.common import quantize_rows
 from tinykern.pipelines.sd.lora import LoRABranch
+
+
+_Q8_0 = FORMATS["q8_0"]
 
 
 def _pack(factor):
@@ -20,8 +23,8 @@ def _pack(factor):
     rows = factor.reshape(factor.shape[0], -1)
     features = rows.shape[1]
     if rows.is_meta:
-        return torch.empty(rows.shape[0], -(-features // q8_0.BLOCK) * q8_0.BLOCK_BYTES, dtype=torch.uint8, device="meta"), features
-    return quantize_rows(q8_0, rows, "LoRA factor"), features
+        return torch.empty(rows.shape[0], _Q8_0.row_bytes(features), dtype=torch.uint8, device="meta"), features
+    return quantize_rows(_Q8_0, rows, "LoRA factor"), features
 
 
 class Q8LoRABranch(LoRABranch):
@@ -36,6 +39,6 @@ class Q8LoRABranch(LoRABranch):
         self.up, self._up_features = _pack(self.up)
 
     def factors(self, dtype):
-        down = ops.q8_0_dequantize(self.down, dtype)[:, :self._down_features].reshape(self.down_shape)
-        up = ops.q8_0_dequantize(self.up, dtype)[:, :self._up_features].reshape(self.up_shape)
+        down = ops.dequantize(self.down, _Q8_0, dtype)[:, :self._down_features].reshape(self.down_shape)
+        up = ops.dequantize(self.up, _Q8_0, dtype)[:, :self._up_features].reshape(self.up_shape)
         return down, up

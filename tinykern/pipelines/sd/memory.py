@@ -21,6 +21,7 @@ cuDNN's per-call convolution workspace (its algorithm is picked at run time; not
 
 import contextlib
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -220,35 +221,41 @@ def synthetic_lora(pipe, rank, device="meta", dtype=torch.float16):
 
 def kernel_models(backend):
     """{op: meta implementation} that allocates what `backend` allocates on a GPU."""
-    from tinykern.formats import q4k, q8_0
+    from tinykern.formats import FORMATS
     from tinykern.kernels import native
 
     if backend not in ("triton", "cuda", "torch", "cpu"):
         raise ValueError(f"backend must be 'triton', 'cuda', 'torch' or 'cpu', got {backend!r}")
+    kinds = ("matmul", "conv2d", "conv2d_grouped", "dequantize")
     if backend == "cpu":  # the CPU kernels themselves: on meta tensors their fake kernels run
-        return {op: backends._IMPLS[(op, "cpu")] for op in ("q4k_matmul", "q8_0_matmul", "q4k_conv2d",
-                                                             "q4k_conv2d_grouped", "q4k_dequantize", "q8_0_dequantize")}
-    # The dequantize kernels allocate their output only (the native ops' fake kernels).
-    dequantize = {"q4k_dequantize": torch.ops.tinykern.q4k_dequantize, "q8_0_dequantize": torch.ops.tinykern.q8_0_dequantize}
-    if backend == "triton":
-        def matmul(x, w, bias):
-            return x.new_empty((x.shape[0], w.shape[0]))
+        return {fmt.op(kind): backends._IMPLS[(fmt.op(kind), "cpu")] for fmt in FORMATS.values() for kind in kinds}
+    models = {}
+    for fmt in FORMATS.values():
+        # The dequantize kernels allocate their output only (the native ops' fake kernels).
+        dequantize = native.native_ops(fmt)[0]
+        models[fmt.op("dequantize")] = dequantize
+        if backend == "triton":
+            # Implicit GEMM: the conv's output only (the stand-in dense weight is made untraced).
+            models[fmt.op("matmul")] = _output_only
+            models[fmt.op("conv2d")] = models[fmt.op("conv2d_grouped")] = _outside_weight
+        else:
+            models[fmt.op("matmul")] = functools.partial(_dense_matmul, fmt, backend)
+            models[fmt.op("conv2d")] = models[fmt.op("conv2d_grouped")] = functools.partial(native.conv2d, dequantize)
+    return models
 
-        # Implicit GEMM: the conv's output only (the stand-in dense weight is made untraced).
-        conv = _outside_weight
-        return {"q4k_matmul": matmul, "q8_0_matmul": matmul, "q4k_conv2d": conv, "q4k_conv2d_grouped": conv, **dequantize}
 
-    def dense_matmul(fmt):
-        def run(x, w, bias):
-            if backend == "cuda" and x.shape[0] <= GEMV_MAX_ROWS:
-                return x.new_empty((x.shape[0], w.shape[0]))
-            dense = x.new_empty((w.shape[0], w.shape[1] // fmt.BLOCK_BYTES * fmt.BLOCK))
-            wt = dense.narrow(1, 0, x.shape[1]).t()
-            return torch.addmm(bias.to(x.dtype), x, wt) if bias is not None else torch.mm(x, wt)
-        return run
+def _output_only(x, w, bias):
+    return x.new_empty((x.shape[0], w.shape[0]))
 
-    return {"q4k_matmul": dense_matmul(q4k), "q8_0_matmul": dense_matmul(q8_0), "q4k_conv2d": native.q4k_conv2d,
-            "q4k_conv2d_grouped": native.q4k_conv2d, **dequantize}
+
+def _dense_matmul(fmt, backend, x, w, bias):
+    """The cuda/torch backends' allocations: a GEMV below GEMV_MAX_ROWS on cuda, else the whole
+    dequantized weight and the product."""
+    if backend == "cuda" and x.shape[0] <= GEMV_MAX_ROWS:
+        return x.new_empty((x.shape[0], w.shape[0]))
+    dense = x.new_empty((w.shape[0], w.shape[1] // fmt.block_bytes * fmt.block))
+    wt = dense.narrow(1, 0, x.shape[1]).t()
+    return torch.addmm(bias.to(x.dtype), x, wt) if bias is not None else torch.mm(x, wt)
 
 
 def _outside_weight(x, w, bias, kernel_size, stride, padding, dilation, groups):
