@@ -1,6 +1,6 @@
 """GGML's Q4_K: 256 weights in 144 bytes, byte-compatible with GGUF.
 
-Layout (see shared/docs/q4k-format.md): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
+Layout (see docs/formats.md): fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins
 for eight 32-weight sub-blocks, 128 bytes of 4-bit codes. A row of K weights (K a multiple of
 256) is K/256 consecutive blocks.
 """

@@ -1,7 +1,7 @@
 """Q4_K decoding inside Triton kernels, shared by q4k_matmul and q4k_conv2d.
 
 A Q4_K block is 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of
-codes (see shared/docs/q4k-format.md). Kernels take the caller's GGUF bytes as they are: codes
+codes (see docs/formats.md). Kernels take the caller's GGUF bytes as they are: codes
 are read as bytes, and the 16-byte header as four little-endian int32 words (blocks are
 16-byte aligned in a row), which the compiler can prefetch like any wide load.
 """
