@@ -9,8 +9,8 @@ from conftest import relative_error
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from tinykern import Q4Linear, Q8Linear
-from tinykern.formats import q4k, q8_0
-from tinykern.io import GGUFTensor, read_gguf, write_gguf
+from tinykern.formats import FORMATS, q4k, q8_0
+from tinykern.io import GGUFTensor, open_gguf, read_gguf, write_gguf
 from tinykern.io.gguf import dense_tensor
 from tinykern.serialization import _bytes
 
@@ -56,6 +56,41 @@ def test_round_trip_preserves_types_shapes_and_bytes(gen, tmp_path):
     # The dense types come back as their torch dtypes.
     kinds = {t.type: t.data.dtype for t in back}
     assert kinds["F16"] == torch.float16 and kinds["BF16"] == torch.bfloat16 and kinds["F32"] == torch.float32
+
+
+def random_blocks(fmt, shape, gen):
+    """Valid fmt blocks for `shape` (rows of whole blocks): tinykern's quantizer where the format
+    has one, else random bytes (any bytes are a block; a round trip must keep them all)."""
+    if fmt.quantize is not None:
+        return fmt.quantize(torch.randn(shape, generator=gen))
+    return torch.randint(0, 256, (*shape[:-1], fmt.row_bytes(shape[-1])), generator=gen, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_every_format_round_trips_byte_exact(name, gen, tmp_path):
+    """Any FORMATS type is written, named by its GGML name, lower-case name or record, and read
+    back packed with its record, the same bytes, and gguf-py's dequantization."""
+    fmt = FORMATS[name]
+    qtype = GGMLQuantizationType(fmt.ggml_type)
+    shapes = {"upper": (3, 2 * fmt.block), "lower": (2, 2, fmt.block), "record": (4 * fmt.block,)}
+    tensors = [GGUFTensor(f"w.{how}", {"upper": qtype.name, "lower": fmt.name, "record": fmt}[how], shape,
+                          random_blocks(fmt, shape, gen)) for how, shape in shapes.items()]
+    path = tmp_path / f"{name}.gguf"
+    write_gguf(path, tensors)
+    back = list(read_gguf(path))
+    for want, got in zip(tensors, back):
+        assert got.name == want.name and got.type == qtype.name and got.format is fmt, want.name
+        assert got.shape == want.shape and got.rows_aligned and not got.reshaped, want.name
+        assert got.data.dtype == torch.uint8 and got.data.shape == want.data.shape, want.name
+        assert np.array_equal(_bytes(got.data), _bytes(want.data)), want.name
+        expected = quants.dequantize(want.data.numpy(), qtype).reshape(want.shape)
+        np.testing.assert_array_equal(got.dequantize().numpy().view(np.int32), expected.view(np.int32))
+
+
+def test_unknown_type_name_is_refused(tmp_path):
+    path = tmp_path / "bad.gguf"
+    with pytest.raises(ValueError, match=r"bad\.gguf.*'w'.*unknown GGML type 'Q9_9'"):
+        write_gguf(path, [GGUFTensor("w", "Q9_9", (1, 32), torch.zeros(1, 34, dtype=torch.uint8))])
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "F32"])
@@ -221,13 +256,58 @@ def every_value_type(writer):
     writer.add_array("test.nested", [[1, 2], [3]])
 
 
-def test_metadata_of_every_value_type_is_stepped_over_exactly(gen, tmp_path):
-    """The reader skips metadata by the size of each type: one wrong size misplaces every tensor."""
+def test_metadata_of_every_value_type_is_read_exactly(gen, tmp_path):
+    """Every value comes back as the Python value written (one wrong size would also misplace
+    every tensor)."""
     w = torch.randn(3, 5, generator=gen)
     path = tmp_path / "metadata.gguf"
     write_with_gguf(path, [("w", w.numpy(), None)], every_value_type)
-    (t,) = read_gguf(path)
+    tensors = read_gguf(path)
+    meta = tensors.metadata
+    assert {k: v for k, v in meta.items() if k.startswith("test.")} == {
+        "test.uint8": 200, "test.int8": -3, "test.uint16": 60000, "test.int16": -300, "test.uint32": 70000,
+        "test.int32": -70000, "test.float32": 0.5, "test.bool": True, "test.string": "text", "test.uint64": 1 << 40,
+        "test.int64": -(1 << 40), "test.float64": 0.25, "test.floats": [0.5, 1.5, 2.5], "test.words": ["a", "bc", ""],
+        "test.nested": [[1, 2], [3]],
+    }
+    assert meta["general.architecture"] == "llama" and type(meta["test.bool"]) is bool
+    (t,) = tensors
     assert t.name == "w" and torch.equal(t.data, w)
+
+
+def test_metadata_string_not_utf8_is_kept_as_bytes(tmp_path):
+    path = tmp_path / "latin1.gguf"
+    write_with_gguf(path, [("w", np.ones(2, np.float32), None)],
+                    lambda writer: writer.add_key_value("test.name", "caf\xe9".encode("latin-1"), GGUFValueType.STRING))
+    assert read_gguf(path).metadata["test.name"] == b"caf\xe9"
+
+
+def test_metadata_arrays_are_bounded(monkeypatch, tmp_path):
+    """Arrays become Python lists, so their items in all are bounded before any is read."""
+    import tinykern.io.gguf as reader
+
+    path = tmp_path / "vocab.gguf"
+    write_with_gguf(path, [("w", np.ones(2, np.float32), None)],
+                    lambda writer: (writer.add_array("a", list(range(60))), writer.add_array("b", ["x"] * 50)))
+    monkeypatch.setattr(reader, "_MAX_ARRAY_ITEMS", 110)
+    assert len(read_gguf(path).metadata["b"]) == 50
+    monkeypatch.setattr(reader, "_MAX_ARRAY_ITEMS", 100)
+    with pytest.raises(ValueError, match=rf"{path}: metadata 'b': metadata arrays of more than 100 items"):
+        read_gguf(path)
+
+
+def test_gguf_file_is_an_iterator_that_closes_its_file(gen, tmp_path):
+    path = tmp_path / "model.gguf"
+    tensors = sample_tensors(gen)
+    write_gguf(path, tensors)
+    f = open_gguf(path)
+    assert len(f) == len(tensors) and f.names == [t.name for t in tensors] and f.path == str(path)
+    assert next(f).name == tensors[0].name
+    f.close()
+    assert list(f) == []
+    with open_gguf(path) as f:
+        assert [t.name for t in f] == [t.name for t in tensors]
+        assert list(f) == []  # one pass, as the generator read_gguf returned before
 
 
 @pytest.mark.parametrize("alignment,valid", [(4, False), (8, True), (256, True)])

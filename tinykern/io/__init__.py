@@ -1,5 +1,5 @@
 """Reading and writing other tools' files."""
 
-from tinykern.io.gguf import GGUFTensor, read_gguf, write_gguf
+from tinykern.io.gguf import GGUFFile, GGUFTensor, open_gguf, read_gguf, write_gguf
 
-__all__ = ["GGUFTensor", "read_gguf", "write_gguf"]
+__all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "read_gguf", "write_gguf"]
