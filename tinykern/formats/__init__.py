@@ -9,7 +9,7 @@ import importlib
 from tinykern.formats.record import Format
 
 # The modules holding one format each; each defines FORMAT, its record.
-_MODULES = ("q4k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+_MODULES = ("q4k", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q5_k", "q6_k")
 
 FORMATS = dict(
     sorted(((f.name, f) for f in (importlib.import_module(f"tinykern.formats.{m}").FORMAT for m in _MODULES)),
