@@ -6,12 +6,17 @@ seconds per step against diffusers in fp16 on the same GPU.
     python bench/bench_sd.py [--steps 20]                     # standalone; GPU figures -> bench/results/
     python bench/bench_sd.py --gpu                            # issue #20's bar on a GPU -> bench/results/
     python bench/bench_sd.py --cpu-rehash [--repeats 3]       # step rehash on the CPU -> bench/results/
+    python bench/bench_sd.py --layouts                        # UNet size and SQNR per format layout -> bench/results/
 
 --gpu: SD1.5 at 512x512, 25 steps, CFG 7.5, a rank-64 LoRA (Q8_0 factors, unmerged) on every
 UNet and text-encoder Linear and Conv, VAE on the GPU, slicing on: torch.cuda.max_memory_allocated
 against the memory planner's prediction, then the same run with step rehash 3 (UNet time
 ratio), then peak memory without slicing / with diffusers' per-operator chunking / with
 tinykern's slicing and grouping at 512 and 1024.
+--layouts: the full-size UNet with diffusers' random initialization on the CPU, fixed inputs
+(latent 1x4x32x32, one timestep, a random text context): the UNet's bytes and its output's SQNR
+against the fp16 UNet for each uniform format and for mixed layouts (QuantConfig.overrides), and
+the smallest layout whose SQNR is within 3 dB of uniform Q4_K.
 --cpu-rehash: the full-size Q4_K UNet (random weights) at 256x256, CFG batch 2, 25 DDIM steps,
 full and rehash runs interleaved: medians and spread of the UNet wall time, the final latent's
 relative difference, and the UNet FLOPs saved (counted on the meta device).
@@ -29,6 +34,7 @@ pytest.importorskip("diffusers")
 
 from tinykern.pipelines.sd import SDQuantConfig, TinySDPipeline, clip_tokenizer, make_scheduler, sd15_config_dir  # noqa: E402
 from tinykern.pipelines.sd.layout import move, quantize_on  # noqa: E402
+from tinykern.formats import FORMATS  # noqa: E402
 from tinykern.quantize import quantize_  # noqa: E402
 
 UNET_TARGET_BYTES = 0.5e9
@@ -62,14 +68,103 @@ def _bytes(module):
 
 def sizes():
     """Bytes of each component, dense fp16 and in the low-VRAM layout (UNet and text encoder
-    quantized, norms/embeddings/biases in fp16), computed on the meta device."""
+    quantized, norms/embeddings/biases in fp16), and the UNet's bytes in each format's uniform
+    layout (unet_<format>), computed on the meta device."""
     unet, text_encoder, vae = _build("meta")
     layout = SDQuantConfig()
     result = {"unet_fp16": _bytes(unet), "text_encoder_fp16": _bytes(text_encoder), "vae_decoder_fp16": _bytes(vae.decoder)}
+    for fmt in FORMATS:
+        copy = _build("meta")[0]
+        quantize_(copy, SDQuantConfig(unet=fmt).unet_config())
+        result[f"unet_{fmt}"] = _bytes(copy)
     quantize_(unet, layout.unet_config())
     quantize_(text_encoder, layout.text_encoder_config())
     result.update(unet_tinykern=_bytes(unet), text_encoder_tinykern=_bytes(text_encoder))
     return result
+
+
+# Mixed layouts for --layouts: {label: (uniform format, {UNet module glob: format})}. The groups:
+# the GEGLU feed-forwards hold 40% of the UNet's weights, the resnet convs 45%; the attention
+# projections, proj_in/out, the samplers' convs and the time embeddings the rest.
+FEED_FORWARD = "*.ff.net.*"
+ATTENTION = "*.attn[12].*"
+RESNET_CONVS = "*.resnets.*.conv[12]"
+LAYOUTS = {
+    "q3_k": ("q3_k", {}),
+    "q2_k": ("q2_k", {}),
+    "q3_k, feed-forward q2_k": ("q3_k", {FEED_FORWARD: "q2_k"}),
+    "q3_k, resnet convs q2_k": ("q3_k", {RESNET_CONVS: "q2_k"}),
+    "q2_k, attention q4_k": ("q2_k", {ATTENTION: "q4_k"}),
+    "q2_k, attention q3_k": ("q2_k", {ATTENTION: "q3_k"}),
+    "q2_k, attention and resnet convs q3_k": ("q2_k", {ATTENTION: "q3_k", RESNET_CONVS: "q3_k"}),
+    "q3_k, attention q4_k": ("q3_k", {ATTENTION: "q4_k"}),
+}
+
+
+def _sqnr_db(reference, approx):
+    return (10 * torch.log10(reference.double().pow(2).sum() / (approx - reference).double().pow(2).sum())).item()
+
+
+def layouts_cpu(size=256, seed=0):
+    """UNet bytes and output SQNR (dB, vs the fp16 UNet) of every uniform format and of LAYOUTS,
+    on the full-size UNet with diffusers' random initialization, fixed inputs. Each format
+    quantizes every layer once; a layout swaps the quantized layers it names into the UNet."""
+    from tinykern.bench import machine
+    from tinykern.quantize import QuantConfig, _replace
+
+    unet, _, _ = _build("cpu", torch.float32)
+    unet.eval()
+    with torch.no_grad():  # the reference: fp16 weights, computed in fp32
+        for p in unet.parameters():
+            p.copy_(p.half().float())
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, size // 8, size // 8, generator=gen)
+    context = torch.randn(1, 77, 768, generator=gen)
+
+    def forward():
+        with torch.no_grad(), torch.inference_mode():
+            return unet(sample, 500, encoder_hidden_states=context).sample
+
+    reference = forward()
+    base = SDQuantConfig().unet_config()
+    selected = {name: m for name, m in unet.named_modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and base.format_for(name, m)[0] is not None}
+    needed = sorted({fmt for uniform, overrides in [(f, {}) for f in FORMATS] + list(LAYOUTS.values())
+                     for fmt in (uniform, *overrides.values())})
+    quantized, quantize_seconds = {}, {}
+    for fmt in needed:
+        if FORMATS[fmt].quantize is None:
+            continue
+        start = time.perf_counter()
+        record = FORMATS[fmt]
+        quantized[fmt] = {name: (record.conv_class.from_conv(m, name, format=fmt) if isinstance(m, torch.nn.Conv2d)
+                                 else record.linear_class.from_linear(m, name, format=fmt)) for name, m in selected.items()}
+        quantize_seconds[fmt] = time.perf_counter() - start
+
+    def run(uniform, overrides):
+        config = QuantConfig(weight=uniform, overrides=overrides)
+        chosen = {name: config.format_for(name, m)[0] or uniform for name, m in selected.items()}
+        for name, fmt in chosen.items():
+            _replace(unet, name, quantized[fmt][name])
+        try:
+            out = forward()
+            nbytes = _bytes(unet)
+        finally:
+            for name, m in selected.items():
+                _replace(unet, name, m)
+        return {"uniform": uniform, "overrides": overrides, "unet_bytes": nbytes, "sqnr_db": _sqnr_db(reference, out),
+                "layers_per_format": {f: sum(1 for c in chosen.values() if c == f) for f in sorted(set(chosen.values()))}}
+
+    rows = {f"{fmt} (uniform)": run(fmt, {}) for fmt in quantized}
+    rows.update({label: run(uniform, overrides) for label, (uniform, overrides) in LAYOUTS.items()
+                 if all(f in quantized for f in (uniform, *overrides.values()))})
+    floor = rows["q4_k (uniform)"]["sqnr_db"] - 3
+    within = {label: r for label, r in rows.items() if r["sqnr_db"] >= floor}
+    smallest = min(within, key=lambda label: within[label]["unet_bytes"])
+    return {"size": size, "seed": seed, "rows": rows, "sqnr_floor_db": floor, "smallest_within_3db": smallest,
+            "smallest_bytes": within[smallest]["unet_bytes"], "quantize_seconds": quantize_seconds,
+            "cpu": machine.device_name("cpu"), "threads": torch.get_num_threads(), "versions": machine.versions(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 def _random_pipeline(quantized, vae_on_gpu=False):
@@ -319,7 +414,18 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256, help="--cpu-rehash image size")
     parser.add_argument("--repeats", type=int, default=3, help="--cpu-rehash runs of each kind")
     parser.add_argument("--rehash-steps", type=int, default=25, help="--cpu-rehash steps")
+    parser.add_argument("--layouts", action="store_true", help="UNet size and output SQNR per format layout (CPU)")
     args = parser.parse_args(argv)
+    if args.layouts:
+        record = layouts_cpu()
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "sd15-unet-layouts.json"
+        path.write_text(json.dumps(record, indent=1))
+        for label, row in sorted(record["rows"].items(), key=lambda item: item[1]["unet_bytes"]):
+            print(f"{label:<42} {row['unet_bytes'] / 1e6:8.1f} MB  SQNR {row['sqnr_db']:6.2f} dB")
+        print(f"smallest within 3 dB of uniform q4_k: {record['smallest_within_3db']} "
+              f"({record['smallest_bytes'] / 1e6:.1f} MB); written to {path}")
+        return
     if args.cpu_rehash:
         from tinykern.bench import machine
 
@@ -352,7 +458,9 @@ def main(argv=None):
         return
     size = sizes()
     for key, value in size.items():
-        print(f"{key:<24} {value / 1e6:10.1f} MB")
+        if not key.startswith("unet_q"):
+            print(f"{key:<24} {value / 1e6:10.1f} MB")
+    print("UNet per format: " + ", ".join(f"{fmt} {size[f'unet_{fmt}'] / 1e6:.1f} MB" for fmt in FORMATS))
     print(f"UNet target <= {UNET_TARGET_BYTES / 1e6:.0f} MB: {'met' if size['unet_tinykern'] <= UNET_TARGET_BYTES else 'MISSED'}")
     if not torch.cuda.is_available():
         print("peak VRAM and s/step: unmeasured (no CUDA GPU on this machine)")

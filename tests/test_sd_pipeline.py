@@ -16,7 +16,7 @@ from safetensors.torch import save_file  # noqa: E402
 from tinykern import backends  # noqa: E402
 from tinykern.formats import q4k, q8_0  # noqa: E402
 from tinykern.io.gguf import GGUFTensor, dense_tensor, write_gguf  # noqa: E402
-from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear  # noqa: E402
+from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear, QuantLinear  # noqa: E402
 from tinykern.pipelines.sd import SDQuantConfig, clip_tokenizer, load_pipeline, save_pipeline  # noqa: E402
 from tinykern.pipelines.sd import ldm, loaders  # noqa: E402
 from tinykern.pipelines.sd.layout import UNET_KEEP_DENSE  # noqa: E402
@@ -190,8 +190,13 @@ def test_gguf_unet_comfyui_style(tiny, caplog):
     assert torch.equal(module.qweight, packed[ldm.diffusers_to_ldm(adopted + ".weight", unet.config)].data)
     k_proj = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
     assert isinstance(pipe.unet.get_submodule(k_proj), Q8Linear)  # Q8_0 adopted as is, not re-quantized to Q4_K
-    assert type(pipe.unet.time_embedding.linear_2) is torch.nn.Linear  # Q4_K in the file, dense by the layout
-    assert "attn1.to_q (Q4_0)" in caplog.text  # dequantized and re-quantized, said so
+    # The file decides: Q4_K where the layout keeps the layer dense, Q4_0 where it says Q4_K.
+    assert type(pipe.unet.time_embedding.linear_2) is Q4Linear
+    q_proj = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    module = pipe.unet.get_submodule(q_proj)
+    assert type(module) is QuantLinear and module.format.name == "q4_0"
+    assert torch.equal(module.qweight, packed[ldm.diffusers_to_ldm(q_proj + ".weight", unet.config)].data)
+    assert "quantized from the file's dense weights by the layout" in caplog.text  # the F16 layers, said so
     assert sqnr_db(latents(pipe), tiny["reference"]) >= MIN_SQNR_DB
 
 

@@ -65,6 +65,7 @@ def add_parser(subparsers):
     quant = commands.add_parser("quantize", help="write a pre-quantized model folder that loads in seconds")
     _model_arguments(quant)
     quant.add_argument("--out", required=True, help="output folder (new, or empty)")
+    _layout_arguments(quant)
     quant.set_defaults(func=quantize)
     return sd
 
@@ -75,6 +76,39 @@ def _model_arguments(parser):
     parser.add_argument("--unet", help="separate UNet file (.gguf, or .safetensors) replacing the model's UNet")
     parser.add_argument("--config", help="config folder for single files (default: the shipped SD1.5 configs)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
+
+
+def _writable():
+    from tinykern.formats import FORMATS
+
+    return [name for name, fmt in FORMATS.items() if fmt.quantize is not None]
+
+
+def _layout_arguments(parser):
+    writable = _writable()
+    parser.add_argument("--weight", choices=writable, default="q4_k", help="the UNet's format (default q4_k)")
+    parser.add_argument("--text-encoder-weight", choices=writable, default="q8_0",
+                        help="the CLIP text encoder's format (default q8_0)")
+    parser.add_argument("--override", action="append", default=[], metavar="GLOB=FORMAT",
+                        help="UNet layers matching GLOB get FORMAT (a format above, or fp16 for dense); repeatable, "
+                             "the first match wins")
+
+
+def _layout(args):
+    """The SDQuantConfig that --dense, --weight, --text-encoder-weight and --override name."""
+    from tinykern.pipelines.sd.layout import SDQuantConfig
+    from tinykern.quantize import DENSE
+
+    if getattr(args, "dense", False):
+        return False
+    overrides = {}
+    for spec in args.override:
+        glob, sep, fmt = spec.rpartition("=")
+        choices = [*_writable(), DENSE]
+        if not sep or not glob or fmt.lower() not in choices:
+            raise ValueError(f"--override: expected GLOB=FORMAT with FORMAT one of {choices}, got {spec!r}")
+        overrides[glob] = fmt.lower()
+    return SDQuantConfig(unet=args.weight, text_encoder=args.text_encoder_weight, unet_overrides=overrides)
 
 
 def _memory_arguments(parser):
@@ -145,8 +179,8 @@ def _check_model_arguments(args):
 def _load(args, **kwargs):
     from tinykern.pipelines.sd import load_pipeline
 
-    return load_pipeline(args.model, device=args.device, quantize=not getattr(args, "dense", False), unet=args.unet,
-                         config=args.config, **kwargs)
+    quantize = _layout(args) if hasattr(args, "weight") else not getattr(args, "dense", False)
+    return load_pipeline(args.model, device=args.device, quantize=quantize, unet=args.unet, config=args.config, **kwargs)
 
 
 def _lora_spec(spec):
@@ -309,6 +343,7 @@ def quantize(args):
     start = time.perf_counter()
     with checks.one_line_errors(QUANTIZE):
         _check_model_arguments(args)
+        _layout(args)
         args.out = checks.new_folder("--out", args.out)
         # Dense weights are stored in float16: the loader casts them to the run's dtype.
         pipe = _load(args, dtype=torch.float16)

@@ -19,9 +19,12 @@ UNET_KEEP_DENSE = ("time_embedding.*", "conv_in", "conv_out")
 class SDQuantConfig:
     """Formats of the SD pipeline's parts.
 
-    unet: "q4_k", "q8_0" or None (dense) for the UNet's Linear and Conv2d layers.
-    text_encoder: "q8_0", "q4_k" or None for the CLIP text encoder's Linear layers.
+    unet: a format of tinykern.formats.FORMATS ("q4_k", "q5_k", "q8_0", ...) or None (dense)
+        for the UNet's Linear and Conv2d layers.
+    text_encoder: a format or None for the CLIP text encoder's Linear layers.
     keep_dense: UNet module globs left dense.
+    unet_overrides: {UNet module glob: format | "fp16"}, the first match winning over `unet`
+        (a mixed layout: QuantConfig.overrides).
     min_features: layers with shorter rows stay dense (see QuantConfig); SD1.5's shortest row
         is 320, so the default only matters for small test models.
     """
@@ -30,9 +33,11 @@ class SDQuantConfig:
     text_encoder: str | None = "q8_0"
     keep_dense: tuple = UNET_KEEP_DENSE
     min_features: int = 128
+    unet_overrides: dict = dataclasses.field(default_factory=dict)
 
     def unet_config(self):
         return None if self.unet is None else QuantConfig(weight=self.unet, skip=list(self.keep_dense),
+                                                          overrides=dict(self.unet_overrides),
                                                           min_features=self.min_features, convs=True)
 
     def text_encoder_config(self):

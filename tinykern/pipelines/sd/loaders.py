@@ -10,8 +10,9 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from tinykern.formats import FORMATS
+from tinykern.formats import DENSE_TYPES, FORMATS
 from tinykern.formats.common import quantize_rows
 from tinykern.nn import QuantConv2d, QuantLinear
 from tinykern.pipelines.sd import ldm
@@ -225,7 +226,7 @@ def _ldm_tensors(path, kind):
     if kind == "gguf":
         from tinykern.io.gguf import read_gguf
 
-        return {t.name: _gguf_dense(t) for t in read_gguf(path) if _is_vae_or_clip(t.name)}
+        return {t.name: _gguf_dense(path, t) for t in read_gguf(path) if _is_vae_or_clip(t.name)}
     from safetensors.torch import load_file
 
     try:
@@ -339,8 +340,15 @@ def _load_unet_file(path, unet_config, qconfig):
 
 
 def _unet_from_gguf(path, unet_config, qconfig):
-    """A UNet built on meta and filled from GGUF tensors: Q4_K/Q8_0 Linear weights adopted as
-    they are, the rest dequantized (and quantized per `qconfig` where it says so)."""
+    """A UNet built on meta and filled from GGUF tensors; the file decides each layer's format.
+
+    A Linear/Conv2d weight in a format of tinykern.formats.FORMATS is adopted byte for byte when
+    its rows (in_features, or in_channels/groups*kh*kw) are whole blocks, ComfyUI-GGUF's reshape
+    undone; one whose rows are not (its blocks straddle output channels) is dequantized and
+    re-quantized in its own format, rows zero-padded. A dense (F16/F32/BF16) weight is quantized
+    as `qconfig` says, and stays dense where it says so (or when qconfig quantizes nothing, which
+    dequantizes everything). A type tinykern cannot run is dequantized by gguf-py, or refused
+    naming the tensor where gguf-py cannot either. Each case but the first is one warning line."""
     from diffusers import UNet2DConditionModel
 
     from tinykern.io.gguf import read_gguf
@@ -357,34 +365,34 @@ def _unet_from_gguf(path, unet_config, qconfig):
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
     cfg = qconfig.unet_config()
-    if cfg is not None:
-        quantize_(unet, cfg)
-    state, adopted, requantized = {}, 0, []
+    state, kinds = {}, {"adopted": [], "requantized": [], "quantized": [], "dequantized": []}
     for name, module in list(unet.named_modules()):
-        if not isinstance(module, (QuantLinear, QuantConv2d)):
+        if type(module) not in (nn.Linear, nn.Conv2d):
             continue
         t = tensors.pop(name + ".weight", None)
         if t is None:
             raise ValueError(f"{path}: no tensor for {name}.weight")
-        packed = FORMATS.get(t.type.lower())
-        if packed is not None and isinstance(module, QuantLinear) and tuple(t.shape) == (module.out_features, module.in_features):
-            bias = tensors.pop(name + ".bias", None)
-            bias = None if bias is None else _gguf_dense(bias)
-            _replace(unet, name, packed.linear_class.from_packed(t.data, module.in_features, bias, format=packed))
-            adopted += 1
+        if tuple(t.shape) != tuple(module.weight.shape):
+            raise ValueError(f"{path}: tensor {t.name!r} ({t.type}) has shape {list(t.shape)}, but the UNet's "
+                             f"{name}.weight is {list(module.weight.shape)}")
+        planned = cfg.format_for(name, module)[0] if cfg is not None else None
+        fmt = t.format if cfg is not None and t.format is not None else (FORMATS[planned] if planned else None)
+        if fmt is None:
+            if t.format is not None or t.type not in DENSE_NAMES:
+                kinds["dequantized"].append(f"{name} ({t.type})")
+            state[name + ".weight"] = _gguf_dense(path, t)
             continue
-        if t.type not in ("F16", "F32", "BF16"):
-            requantized.append(f"{name} ({t.type})")
-        rows = _gguf_dense(t).reshape(module.qweight.shape[0], -1)
-        state[name + ".qweight"] = quantize_rows(module.format, rows, name)
-    if requantized:
-        log.info("%s: dequantized and re-quantized %d tensors whose blocks do not line up with output channels: %s",
-                 path.name, len(requantized), ", ".join(requantized))
-    dequantized = [n for n, t in tensors.items() if t.type not in ("F16", "F32", "BF16")]
-    if dequantized:
-        log.info("%s: dequantized %d tensors kept dense by the layout: %s", path.name, len(dequantized), ", ".join(dequantized))
-    log.info("%s: adopted %d packed tensors as they are", path.name, adopted)
-    state.update({n: _gguf_dense(t) for n, t in tensors.items()})
+        layer = _quantized_like(module, fmt)
+        out, row = module.weight.shape[0], module.weight[0].numel()
+        if t.format is fmt and row % fmt.block == 0:
+            state[name + ".qweight"] = t.data.reshape(out, -1)
+            kinds["adopted"].append(name)
+        else:
+            kinds["requantized" if t.format is not None else "quantized"].append(f"{name} ({t.type})")
+            state[name + ".qweight"] = quantize_rows(fmt, _gguf_dense(path, t).reshape(out, row), f"{path}: {t.name}")
+        _replace(unet, name, layer)
+    _report_gguf_layout(path, kinds)
+    state.update({n: _gguf_dense(path, t) for n, t in tensors.items()})
     try:
         unet.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
@@ -395,16 +403,41 @@ def _unet_from_gguf(path, unet_config, qconfig):
     return unet
 
 
-def _gguf_dense(t):
-    """A GGUFTensor as a float32 tensor of its logical shape."""
-    if t.type in ("F16", "F32", "BF16"):
-        return t.data.float()
-    if t.type.lower() in FORMATS:
-        return FORMATS[t.type.lower()].dequantize(t.data).reshape(t.shape)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+DENSE_NAMES = tuple(name.upper() for name in DENSE_TYPES)
 
-    return torch.from_numpy(dequantize(t.data.numpy(), GGMLQuantizationType[t.type]).copy()).float().reshape(t.shape)
+
+def _quantized_like(module, fmt):
+    """An empty (meta) QuantLinear/QuantConv2d of `fmt` with the geometry of `module`."""
+    bias = module.bias is not None
+    if isinstance(module, nn.Conv2d):
+        return fmt.conv_class(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                              module.dilation, module.groups, bias, device="meta", format=fmt)
+    return fmt.linear_class(module.in_features, module.out_features, bias, device="meta", format=fmt)
+
+
+def _report_gguf_layout(path, kinds):
+    why = {
+        "requantized": "dequantized and re-quantized in their own format, rows zero-padded: their rows are not whole "
+                       "blocks (the file's blocks straddle output channels)",
+        "quantized": "quantized from the file's dense weights by the layout",
+        "dequantized": "dequantized: kept dense by the layout, or in a type tinykern does not run",
+    }
+    for kind, reason in why.items():
+        names = kinds[kind]
+        if names:
+            more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+            log.warning("%s: %d UNet weights %s: %s%s", path.name, len(names), reason, ", ".join(names[:8]), more)
+    log.info("%s: adopted %d packed UNet weights as they are", path.name, len(kinds["adopted"]))
+
+
+def _gguf_dense(path, t):
+    """A GGUFTensor as a float32 tensor of its logical shape, or ValueError naming it when no
+    dequantizer knows its type."""
+    try:
+        return t.dequantize()
+    except NotImplementedError as e:
+        raise ValueError(f"{path}: tensor {t.name!r} is {t.type}, which neither tinykern nor gguf-py can "
+                         f"dequantize ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
