@@ -122,8 +122,8 @@ def test_matmul_matches_float64(device, name, M, has_bias, gen, poisoned_outputs
 @pytest.mark.parametrize("name", [n for n in NAMES if DECODERS[n].block == 32])
 @pytest.mark.parametrize("device", DEVICES)
 def test_reads_no_weight_past_k(device, name, M, gen):
-    """32-weight blocks are narrower than a K step: with K inside the first block, a step also
-    covers the next (NaN) blocks, which only the K mask keeps out."""
+    """K inside the first of three blocks, the next two with NaN scales: a K step that
+    reached past the block holding K (or an unmasked one) would poison the output."""
     triton_device(device)
     K, N = 27, 5
     w = random_blocks(gen, name, (N, 3), poison_from=1)

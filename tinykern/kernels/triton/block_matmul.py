@@ -7,8 +7,11 @@ Two regimes, by the number of rows M of x (the split of q4k_matmul.matmul_launch
   when the row groups are too few to fill the GPU); each step of KS weights decodes a
   [BLOCK_N, KS] fp32 tile and adds x * w into a [BLOCK_M, BLOCK_N, KS] accumulator, reduced
   over KS once after the loop (no cross-thread reduction inside the loop).
-- wide (M > 16): tiled GEMM. Each K step of WIDE_BLOCK_K decodes a [BLOCK_K, BLOCK_N] tile in
+- wide (M > 16): tiled GEMM. Each K step of BLOCK_K decodes a [BLOCK_K, BLOCK_N] tile in
   registers, rounds it to x's dtype for one tl.dot with fp32 accumulation (3xTF32 for fp32 x).
+
+Steps of both divide the block (KS, BLOCK_K <= block, powers of two), so a step's block index
+is a scalar and the decoder reads each block header once per row and step, not per weight.
 
 Weights at k >= K are never read (masked decodes), so row padding never meets x, whatever
 it holds. Q4_K and Q8_0 keep their tuned kernels as the registered ops; these kernels serve
@@ -27,10 +30,11 @@ from tinykern.kernels.triton.decode import DECODERS
 from tinykern.kernels.triton.q4k_matmul import matmul_launch, wide_configs
 from tinykern.kernels.triton.tiles import grouped_tile
 
-# Weights per wide K step: one tl.dot of K 64 on any dtype.
+# Weights per wide K step, at most: one tl.dot of K 64 (32 for 32-weight blocks: a step never
+# straddles two blocks).
 WIDE_BLOCK_K = 64
-# Weights per dequantize program.
-DEQUANT_TILE = 1024
+# Weights per dequantize program, at least (whole blocks).
+DEQUANT_WEIGHTS = 1024
 # Formats whose registered ops stay their tuned kernels (q4k_matmul.py, q8_0_matmul.py).
 TUNED = ("q4_k", "q8_0")
 
@@ -52,9 +56,13 @@ def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, n_steps, steps_per_spl
     acc = tl.zeros([BLOCK_M, BLOCK_N, KS], tl.float32)
     first = pid_s * steps_per_split
     for s in range(first, tl.minimum(first + steps_per_split, n_steps)):
-        k = s * KS + kk
+        # KS divides BLOCK: the step lies in one block, whose header is read once per row (only
+        # K == 0 has a step with k0 >= K). j is taken from the full index vector, as k % BLOCK:
+        # Triton's alignment analysis then sees runs of adjacent code bytes and widens loads.
+        k0 = s * KS
+        k = k0 + kk
         k_ok = (k < K)[None, :]
-        w = DECODE(w_row, (k // BLOCK)[None, :], (k % BLOCK)[None, :], n_mask[:, None] & k_ok)
+        w = DECODE(w_row, k0 // BLOCK, (k % BLOCK)[None, :], n_mask[:, None] & (k0 < K), n_mask[:, None] & k_ok)
         xv = tl.load(x_row + k[None, :], mask=m_mask & k_ok, other=0).to(tl.float32)
         acc += xv[:, None, :] * w[None, :, :]
     y = tl.sum(acc, axis=2)
@@ -85,10 +93,13 @@ def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K)):
-        k = i * BLOCK_K + kk
+        # BLOCK_K divides BLOCK: one block per step, one header load per row (j as in the
+        # skinny kernel).
+        k0 = i * BLOCK_K
+        k = k0 + kk
         k_ok = k < K
         # [BLOCK_K, BLOCK_N]: transposed for tl.dot.
-        b = DECODE(w_row, (k // BLOCK)[:, None], (k % BLOCK)[:, None], k_ok[:, None] & n_mask[None, :])
+        b = DECODE(w_row, k0 // BLOCK, (k % BLOCK)[:, None], n_mask[None, :], k_ok[:, None] & n_mask[None, :])
         a = tl.load(x_row + k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0)
         acc = tl.dot(a, b.to(dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
@@ -98,12 +109,14 @@ def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 @triton.jit
-def _dequantize_kernel(w_ptr, out_ptr, total, DECODE: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
-    # The blocks as one flat sequence of weights: rows are whole blocks, back to back.
-    k = tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE)
-    ok = k < total
-    w = DECODE(w_ptr, k // BLOCK, k % BLOCK, ok)
-    tl.store(out_ptr + k, w.to(out_ptr.dtype.element_ty), mask=ok)
+def _dequantize_kernel(w_ptr, out_ptr, n_blocks, DECODE: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    # The blocks as one flat sequence (rows are whole blocks, back to back), TILE of them per
+    # program as [TILE, BLOCK]: one header load per block.
+    b = (tl.program_id(0).to(tl.int64) * TILE + tl.arange(0, TILE))[:, None]
+    j = tl.arange(0, BLOCK)[None, :]
+    ok = b < n_blocks
+    w = DECODE(w_ptr, b, j, ok, ok)
+    tl.store(out_ptr + b * BLOCK + j, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 class _WithMeta:
@@ -133,10 +146,10 @@ def skinny_step(block_m):
 def _matmul(fmt, x, w, bias):
     _, dec = _decoder(fmt)
     M, K = x.shape
-    ks = skinny_step(triton.next_power_of_2(max(M, 1)))
+    ks = min(skinny_step(triton.next_power_of_2(max(M, 1))), dec.block)
     n_steps = max(1, triton.cdiv(K, ks))  # one (fully masked) step when K is 0
     wide = _WithMeta(_wide_kernel, DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes,
-                     BLOCK_K=WIDE_BLOCK_K)
+                     BLOCK_K=min(WIDE_BLOCK_K, dec.block))
     return matmul_launch(_skinny_kernel, wide, x, w, bias, n_steps, n_steps,
                          DECODE=dec.fn, BLOCK=dec.block, KS=ks)
 
@@ -148,11 +161,12 @@ def _dequantize(fmt, blocks, dtype):
     # The interpreter's fp32->bf16 cast truncates: there, round once in torch.
     kernel_dtype = torch.float32 if dtype == torch.bfloat16 and not blocks.is_cuda else dtype
     out = torch.empty((*blocks.shape[:-1], nb * dec.block), dtype=kernel_dtype, device=blocks.device)
-    total = out.numel()
-    if total:
+    n_blocks = out.numel() // dec.block
+    if n_blocks:
+        tile = max(1, DEQUANT_WEIGHTS // dec.block)
         with torch.cuda.device(blocks.device.index if blocks.is_cuda else -1):
-            _dequantize_kernel[(triton.cdiv(total, DEQUANT_TILE),)](
-                blocks, out, total, DECODE=dec.fn, BLOCK=dec.block, TILE=DEQUANT_TILE)
+            _dequantize_kernel[(triton.cdiv(n_blocks, tile),)](
+                blocks, out, n_blocks, DECODE=dec.fn, BLOCK=dec.block, TILE=tile)
     return out.to(dtype)
 
 

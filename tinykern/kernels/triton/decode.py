@@ -2,11 +2,14 @@
 
 Every decoder has the same signature, so that a kernel can take one as a tl.constexpr:
 
-    decode(w_row, b, j, mask) -> float32
+    decode(w_row, b, j, block_mask, mask) -> float32
 
 w_row: byte pointers to the start of the rows, b: block index, j: offset of the weight inside
-its block (0 .. block-1); the three broadcast together, and the result has their shape.
-Nothing is read where mask is False (the weight is then 0 or -0).
+its block (0 .. block-1); all broadcast together, and the result has their shape. The block's
+header (its fp16 fields) is read where block_mask holds, with the shape of w_row + b: a
+caller whose K step stays inside one block passes a scalar b and gets one header load per row
+instead of one per weight. Codes are read where mask holds; where it does not, the weight is
+unspecified (finite when the header is).
 
 Layouts and arithmetic follow gguf-py (gguf/quants.py) term for term. The results are
 bit-identical to it in fp32 on any backend, fused multiply-add or not: every product here is
@@ -58,65 +61,65 @@ def _bit32(qh, j, mask):
 
 
 @triton.jit
-def decode_q4_0(w_row, b, j, mask):
+def decode_q4_0(w_row, b, j, block_mask, mask):
     # 18 bytes: fp16 d, 16 bytes of 4-bit codes; w = d * (q - 8).
     blk = w_row + b * 18
-    d = _half(blk, mask)
+    d = _half(blk, block_mask)
     q = _nibble32(blk + 2, j, mask) - 8
     return d * q.to(tl.float32)
 
 
 @triton.jit
-def decode_q4_1(w_row, b, j, mask):
+def decode_q4_1(w_row, b, j, block_mask, mask):
     # 20 bytes: fp16 d, fp16 m, 16 bytes of codes; w = d * q + m.
     blk = w_row + b * 20
-    d = _half(blk, mask)
-    m = _half(blk + 2, mask)
+    d = _half(blk, block_mask)
+    m = _half(blk + 2, block_mask)
     q = _nibble32(blk + 4, j, mask)
     return d * q.to(tl.float32) + m
 
 
 @triton.jit
-def decode_q5_0(w_row, b, j, mask):
+def decode_q5_0(w_row, b, j, block_mask, mask):
     # 22 bytes: fp16 d, 32 high bits, 16 bytes of low nibbles; w = d * (q - 16).
     blk = w_row + b * 22
-    d = _half(blk, mask)
+    d = _half(blk, block_mask)
     q = (_nibble32(blk + 6, j, mask) | (_bit32(blk + 2, j, mask) << 4)) - 16
     return d * q.to(tl.float32)
 
 
 @triton.jit
-def decode_q5_1(w_row, b, j, mask):
+def decode_q5_1(w_row, b, j, block_mask, mask):
     # 24 bytes: fp16 d, fp16 m, 32 high bits, 16 bytes of low nibbles; w = d * q + m.
     blk = w_row + b * 24
-    d = _half(blk, mask)
-    m = _half(blk + 2, mask)
+    d = _half(blk, block_mask)
+    m = _half(blk + 2, block_mask)
     q = _nibble32(blk + 8, j, mask) | (_bit32(blk + 4, j, mask) << 4)
     return d * q.to(tl.float32) + m
 
 
 @triton.jit
-def decode_q8_0(w_row, b, j, mask):
+def decode_q8_0(w_row, b, j, block_mask, mask):
     # 34 bytes: fp16 d, 32 int8 codes; w = q * d.
     blk = w_row + b * 34
-    d = _half(blk, mask)
+    d = _half(blk, block_mask)
     return _sbyte(blk + 2 + j, mask).to(tl.float32) * d
 
 
 @triton.jit
-def decode_q2_k(w_row, b, j, mask):
+def decode_q2_k(w_row, b, j, block_mask, mask):
     # 84 bytes: 16 scale bytes (low nibble scale, high nibble min, per 16 weights), 64 bytes
     # of 2-bit codes, fp16 d, fp16 dmin. Code byte 32c+l holds weights 128c+32s+l at bits 2s.
     blk = w_row + b * 84
     sc = _byte(blk + j // 16, mask)
     q = (_byte(blk + 16 + (j // 128) * 32 + j % 32, mask) >> (((j // 32) % 4) * 2)) & 3
-    dl = _half(blk + 80, mask) * (sc & 15).to(tl.float32)
-    ml = _half(blk + 82, mask) * (sc >> 4).to(tl.float32)
+    dl = _half(blk + 80, block_mask) * (sc & 15).to(tl.float32)
+    ml = _half(blk + 82, block_mask) * (sc >> 4).to(tl.float32)
     return dl * q.to(tl.float32) - ml
 
 
 @triton.jit
-def decode_q3_k(w_row, b, j, mask):
+def decode_q3_k(w_row, b, j, block_mask, mask):
     # 110 bytes: 32 bytes of high bits (hmask), 64 bytes of 2-bit codes, 12 bytes of 6-bit
     # scales (16 sub-blocks of 16), fp16 d. w = (d * (scale - 32)) * (q - 4 * !hbit).
     blk = w_row + b * 110
@@ -127,7 +130,7 @@ def decode_q3_k(w_row, b, j, mask):
     ql = (_byte(blk + 32 + (j // 128) * 32 + j % 32, mask) >> (((j // 32) % 4) * 2)) & 3
     hbit = (_byte(blk + j % 32, mask) >> (j // 32)) & 1
     q = ql - ((hbit ^ 1) << 2)
-    dl = _half(blk + 108, mask) * scale.to(tl.float32)
+    dl = _half(blk + 108, block_mask) * scale.to(tl.float32)
     return dl * q.to(tl.float32)
 
 
@@ -147,17 +150,17 @@ def _k_scale_min(scales, sb, mask):
 
 
 @triton.jit
-def decode_q4_k(w_row, b, j, mask):
+def decode_q4_k(w_row, b, j, block_mask, mask):
     # 144 bytes: fp16 d, fp16 dmin, 12 scale bytes, 128 code bytes; byte 32c+l holds weights
     # 64c+l (low nibble) and 64c+32+l (high). w = (d * sc) * q - dmin * m.
     blk = w_row + b * 144
     sc, mn = _k_scale_min(blk + 4, j // 32, mask)
     q = (_byte(blk + 16 + (j // 64) * 32 + j % 32, mask) >> (((j // 32) % 2) * 4)) & 15
-    return (_half(blk, mask) * sc) * q.to(tl.float32) - _half(blk + 2, mask) * mn
+    return (_half(blk, block_mask) * sc) * q.to(tl.float32) - _half(blk + 2, block_mask) * mn
 
 
 @triton.jit
-def decode_q5_k(w_row, b, j, mask):
+def decode_q5_k(w_row, b, j, block_mask, mask):
     # 176 bytes: Q4_K's header, 32 bytes of high bits (byte l, bit s: weight 32s+l), then
     # Q4_K's 128 code bytes.
     blk = w_row + b * 176
@@ -165,11 +168,11 @@ def decode_q5_k(w_row, b, j, mask):
     ql = (_byte(blk + 48 + (j // 64) * 32 + j % 32, mask) >> (((j // 32) % 2) * 4)) & 15
     qh = (_byte(blk + 16 + j % 32, mask) >> (j // 32)) & 1
     q = ql | (qh << 4)
-    return (_half(blk, mask) * sc) * q.to(tl.float32) - _half(blk + 2, mask) * mn
+    return (_half(blk, block_mask) * sc) * q.to(tl.float32) - _half(blk + 2, block_mask) * mn
 
 
 @triton.jit
-def decode_q6_k(w_row, b, j, mask):
+def decode_q6_k(w_row, b, j, block_mask, mask):
     # 210 bytes: 128 bytes of low nibbles (byte 64c+l: weights 128c+l, 128c+64+l), 64 bytes of
     # 2-bit high parts (byte 32c+l: weights 128c+32s+l at bits 2s), 16 int8 scales, fp16 d.
     # w = (d * scale) * (q - 32).
@@ -178,7 +181,7 @@ def decode_q6_k(w_row, b, j, mask):
     ql = (_byte(blk + c * 64 + j % 64, mask) >> (((j // 64) % 2) * 4)) & 15
     qh = (_byte(blk + 128 + c * 32 + j % 32, mask) >> (((j // 32) % 4) * 2)) & 3
     q = (ql | (qh << 4)) - 32
-    dl = _half(blk + 208, mask) * _sbyte(blk + 192 + j // 16, mask).to(tl.float32)
+    dl = _half(blk + 208, block_mask) * _sbyte(blk + 192 + j // 16, mask).to(tl.float32)
     return dl * q.to(tl.float32)
 
 
