@@ -146,7 +146,8 @@ def test_decoded_layout_matches_codes(fmt):
     elif fmt == "q3_k":
         codes = (torch.arange(n) % 8).to(torch.uint8)
         sc = torch.full((1, 16), 33, dtype=torch.uint8)  # scale 33 - 32 = 1
-        raw = torch.cat((mod.pack_codes(codes[None]), mod.pack_scales(sc), torch.tensor([[0x00, 0x3C]], dtype=torch.uint8)), dim=1)
+        raw = torch.cat((mod.pack_codes(codes[None]), mod.pack_scales(sc),
+                         torch.tensor([[0x00, 0x3C]], dtype=torch.uint8)), dim=1)
         expected = codes.float() - 4
     elif fmt == "q5_k":
         from tinykern.formats.q4k import pack_scales

@@ -49,9 +49,16 @@ def positive_max(v):
 
 
 def first_absmax(x):
-    """The signed value of largest magnitude per column of x [n, S], the first one on ties."""
-    index = x.abs().argmax(dim=0, keepdim=True)
-    return x.gather(0, index)[0]
+    """The signed value of largest magnitude per column of x [n, S], the first one on ties
+    (0 for an all-zero column): the reference's running maximum, one contiguous row at a time."""
+    amax = torch.zeros_like(x[0])
+    peak = torch.zeros_like(x[0])
+    for row in x:
+        magnitude = row.abs()
+        larger = magnitude > amax
+        amax = torch.where(larger, magnitude, amax)
+        peak = torch.where(larger, row, peak)
+    return peak
 
 
 def make_qx_quants(x, nmax):
@@ -67,7 +74,7 @@ def make_qx_quants(x, nmax):
     wx = w * x
 
     def fit(iscale):
-        l = torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+        l = torch.round(iscale * x).clamp_(float(-nmax), float(nmax - 1))
         return l, seq_sum(wx * l), seq_sum(w * l * l)
 
     l, sumlx, suml2 = fit(rdiv(-nmax, peak))
@@ -100,7 +107,7 @@ def make_q3_quants(x, nmax):
     peak = torch.where(zero, torch.ones_like(peak), peak)
     w = x * x
     wx = w * x
-    codes = torch.round(rdiv(-nmax, peak) * x).clamp_(-nmax, nmax - 1)
+    codes = torch.round(rdiv(-nmax, peak) * x).clamp_(float(-nmax), float(nmax - 1))
     sumlx = seq_sum(wx * codes)
     suml2 = seq_sum(w * codes * codes)
     for _ in range(5):
@@ -110,7 +117,8 @@ def make_q3_quants(x, nmax):
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             positive = slx > 0
-            new_l = torch.round(x[i] * sl2 / torch.where(positive, slx, torch.ones_like(slx))).clamp_(-nmax, nmax - 1)
+            new_l = torch.round(x[i] * sl2 / torch.where(positive, slx, torch.ones_like(slx)))
+            new_l.clamp_(float(-nmax), float(nmax - 1))
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
             take = positive & (new_l != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
@@ -147,7 +155,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         return seq_sum(weights * (diff.abs() if use_mad else diff * diff))
 
     def codes(iscale, low):
-        return torch.round(iscale * (x - low)).clamp_(0, nmax)
+        return torch.round(iscale * (x - low)).clamp_(0.0, float(nmax))
 
     span = torch.where(flat, torch.ones_like(high), high - low)
     iscale = rdiv(nmax, span)

@@ -27,7 +27,7 @@ def quantize(w, name="weight"):
 
     A torch port of GGML's quantize_row_q2_K_ref (make_qkx2_quants with weights |x| and
     absolute error over 16 grids per sub-block, 4-bit scales and mins, codes recomputed against
-    the stored scales), vectorized over blocks on w's device. Raises ValueError naming `name`
+    the stored scales), vectorized over blocks on w's device, byte-identical to it. Raises ValueError naming `name`
     if w holds NaN, Inf or values outside [LOWEST, HIGHEST].
     """
     if w.shape[-1] % BLOCK:
@@ -95,7 +95,8 @@ def _quantize_blocks(x):
     offset = dmin[:, None] * m.float()
     requant = torch.round((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
-    return torch.cat((packed.to(torch.uint8), pack_codes(codes.reshape(B, BLOCK)), fp16_bytes(d), fp16_bytes(dmin)), dim=1)
+    codes = pack_codes(codes.reshape(B, BLOCK))
+    return torch.cat((packed.to(torch.uint8), codes, fp16_bytes(d), fp16_bytes(dmin)), dim=1)
 
 
 FORMAT = Format(name="q2_k", ggml_type=10, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,

@@ -25,7 +25,7 @@ def quantize(w, name="weight"):
 
     A torch port of GGML's quantize_row_q3_K_ref (make_q3_quants per sub-block: codes from
     the largest magnitude, refined one code at a time; 6-bit scales against the block's
-    largest), vectorized over blocks on w's device. Raises ValueError naming `name` if w holds
+    largest), vectorized over blocks on w's device, byte-identical to it. Raises ValueError naming `name` if w holds
     NaN, Inf or a magnitude above MAX_ABS.
     """
     if w.shape[-1] % BLOCK:

@@ -28,7 +28,7 @@ def quantize(w, name="weight"):
 
     A torch port of GGML's quantize_row_q5_K_ref (make_qkx2_quants over 16 grids per
     sub-block, 6-bit scales and mins, codes recomputed against the stored scales), vectorized
-    over blocks on w's device. Raises ValueError naming `name` if w holds NaN, Inf or values
+    over blocks on w's device, byte-identical to it. Raises ValueError naming `name` if w holds NaN, Inf or values
     outside [LOWEST, HIGHEST].
     """
     if w.shape[-1] % BLOCK:
