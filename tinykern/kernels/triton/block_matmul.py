@@ -4,14 +4,14 @@
 Two regimes, by the number of rows M of x (the split of q4k_matmul.matmul_launch):
 
 - skinny (M <= 16): GEMV. A program owns SKINNY_BLOCK_N weight rows and a slab of K (split-K
-  when the row groups are too few to fill the GPU); each step of KS weights decodes a
-  [BLOCK_N, KS] fp32 tile and adds x * w into a [BLOCK_M, BLOCK_N, KS] accumulator, reduced
-  over KS once after the loop (no cross-thread reduction inside the loop).
+  when the row groups are too few to fill the GPU); each step of 256/BLOCK_M weights (16 at
+  least) decodes a fp32 tile and adds x * w into an accumulator of the tile's shape times
+  BLOCK_M, reduced once after the loop (no cross-thread reduction inside it).
 - wide (M > 16): tiled GEMM. Each K step of BLOCK_K decodes a [BLOCK_K, BLOCK_N] tile in
   registers, rounds it to x's dtype for one tl.dot with fp32 accumulation (3xTF32 for fp32 x).
 
-Steps of both divide the block (KS, BLOCK_K <= block, powers of two), so a step's block index
-is a scalar and the decoder reads each block header once per row and step, not per weight.
+Steps are cut into runs that each lie in one block (BLOCK_K and the skinny run length divide
+the block), so the decoder reads a block's header once per row and run, not once per weight.
 
 Weights at k >= K are never read (masked decodes), so row padding never meets x, whatever
 it holds. Q4_K and Q8_0 keep their tuned kernels as the registered ops; these kernels serve
@@ -43,34 +43,38 @@ TUNED = ("q4_k", "q8_0")
 def _skinny_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, n_steps, steps_per_split,
                    stride_xm, stride_wn, stride_os, stride_om,
                    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DECODE: tl.constexpr, BLOCK: tl.constexpr, KS: tl.constexpr):
+                   DECODE: tl.constexpr, BLOCK: tl.constexpr, NBS: tl.constexpr, SUB: tl.constexpr):
+    # A step is NBS runs of SUB weights, each run inside one block (SUB divides BLOCK; NBS > 1
+    # only when SUB == BLOCK): as [run, weight] tiles, each run's header is read once per row.
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    w_row = (w_ptr + rn.to(tl.int64) * stride_wn)[:, None]
+    w_row = (w_ptr + rn.to(tl.int64) * stride_wn)[:, None, None]
     rows = tl.arange(0, BLOCK_M)
-    x_row = x_ptr + rows[:, None] * stride_xm
-    m_mask = (rows < ROWS)[:, None]
-    kk = tl.arange(0, KS)
-    acc = tl.zeros([BLOCK_M, BLOCK_N, KS], tl.float32)
+    x_row = (x_ptr + rows * stride_xm)[:, None, None]
+    m_mask = (rows < ROWS)[:, None, None]
+    run = tl.arange(0, NBS) * SUB
+    kk = run[:, None] + tl.arange(0, SUB)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, NBS, SUB], tl.float32)
     first = pid_s * steps_per_split
     for s in range(first, tl.minimum(first + steps_per_split, n_steps)):
-        # KS divides BLOCK: the step lies in one block, whose header is read once per row (only
-        # K == 0 has a step with k0 >= K). j is taken from the full index vector, as k % BLOCK:
-        # Triton's alignment analysis then sees runs of adjacent code bytes and widens loads.
-        k0 = s * KS
-        k = k0 + kk
-        k_ok = (k < K)[None, :]
-        w = DECODE(w_row, k0 // BLOCK, (k % BLOCK)[None, :], n_mask[:, None] & (k0 < K), n_mask[:, None] & k_ok)
-        xv = tl.load(x_row + k[None, :], mask=m_mask & k_ok, other=0).to(tl.float32)
-        acc += xv[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)
+        k0 = s * NBS * SUB
+        k = (k0 + kk)[None, :, :]
+        k_ok = k < K
+        # j is taken from the full index vector, as k % BLOCK: Triton's alignment analysis then
+        # sees runs of adjacent code bytes and widens loads.
+        start = (k0 + run)[None, :, None]
+        w = DECODE(w_row, start // BLOCK, k % BLOCK, n_mask[:, None, None] & (start < K),
+                   n_mask[:, None, None] & k_ok)
+        xv = tl.load(x_row + k, mask=m_mask & k_ok, other=0).to(tl.float32)
+        acc += xv[:, None, :, :] * w[None, :, :, :]
+    y = tl.sum(tl.sum(acc, axis=3), axis=2)
     if HAS_BIAS:
         if pid_s == 0:
             y += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
     out = out_ptr + pid_s * stride_os + rows[:, None] * stride_om + rn[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask & n_mask[None, :])
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=(rows < ROWS)[:, None] & n_mask[None, :])
 
 
 # BLOCK_BYTES (unique per format) keys the tuning too: one format's best tile is not another's.
@@ -138,20 +142,21 @@ def _decoder(fmt):
 
 
 def skinny_step(block_m):
-    """Weights per skinny K step for block_m rows of x: the accumulator (block_m x 16 x KS
-    fp32 over 128 threads) stays at 8-32 registers a thread."""
-    return 64 if block_m <= 2 else 32 if block_m <= 4 else 16
+    """Weights per skinny K step for block_m rows of x: the accumulator (block_m x 16 rows x
+    step, fp32, over 128 threads) stays at 32 registers a thread."""
+    return max(16, 256 // block_m)
 
 
 def _matmul(fmt, x, w, bias):
     _, dec = _decoder(fmt)
     M, K = x.shape
-    ks = min(skinny_step(triton.next_power_of_2(max(M, 1))), dec.block)
+    ks = skinny_step(triton.next_power_of_2(max(M, 1)))
+    sub = min(ks, dec.block)
     n_steps = max(1, triton.cdiv(K, ks))  # one (fully masked) step when K is 0
     wide = _WithMeta(_wide_kernel, DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes,
                      BLOCK_K=min(WIDE_BLOCK_K, dec.block))
     return matmul_launch(_skinny_kernel, wide, x, w, bias, n_steps, n_steps,
-                         DECODE=dec.fn, BLOCK=dec.block, KS=ks)
+                         DECODE=dec.fn, BLOCK=dec.block, NBS=ks // sub, SUB=sub)
 
 
 def _dequantize(fmt, blocks, dtype):
