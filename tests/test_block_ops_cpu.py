@@ -269,3 +269,33 @@ def test_shape_errors_name_the_op(ggml_type, gen):
     w = random_blocks(gen, ggml_type, 3, 2, moderate_fp16(gen))
     with pytest.raises(RuntimeError, match="block_matmul: x of shape"):
         torch.ops.tinykern.block_matmul(torch.randn(2, block), w, None, ggml_type, True)
+
+
+# ---------------------------------------------------------------------------- threads and views
+
+
+@pytest.mark.parametrize("ggml_type", [2, 7, 11, 14], ids=["q4_0", "q5_1", "q3_k", "q6_k"])
+def test_threads_agree(ggml_type, gen):
+    """The row dots and the tiles have the same shapes however many threads split them."""
+    w = random_blocks(gen, ggml_type, 70, 3, moderate_fp16(gen))
+    k = 3 * TYPES[ggml_type][1] - 5
+    xs = [torch.randn(m, k, generator=gen) for m in (3, 40)]
+    one = [torch.ops.tinykern.block_matmul(x, w, None, ggml_type, True) for x in xs]
+    one.append(torch.ops.tinykern.block_dequantize(w, ggml_type, torch.bfloat16))
+    torch.set_num_threads(2)
+    two = [torch.ops.tinykern.block_matmul(x, w, None, ggml_type, True) for x in xs]
+    two.append(torch.ops.tinykern.block_dequantize(w, ggml_type, torch.bfloat16))
+    assert all(same_bits(a, b) for a, b in zip(one, two))
+
+
+@WITH_TYPE
+def test_unaligned_and_strided_blocks(ggml_type, gen):
+    """Blocks at an odd byte offset, and weight rows with a gap between them."""
+    w = random_blocks(gen, ggml_type, 6, 2, moderate_fp16(gen))
+    buf = torch.zeros(6, w.shape[1] + 3, dtype=torch.uint8)
+    buf[:, 1 : 1 + w.shape[1]] = w
+    view = buf[:, 1 : 1 + w.shape[1]]
+    assert same_bits(torch.ops.tinykern.block_dequantize(view, ggml_type, torch.float32), gguf_dequantize(w, ggml_type))
+    x = torch.randn(2, w.shape[1] // TYPES[ggml_type][2] * TYPES[ggml_type][1], generator=gen)
+    assert same_bits(torch.ops.tinykern.block_matmul(x, view, None, ggml_type, True),
+                     torch.ops.tinykern.block_matmul(x, w, None, ggml_type, True))
