@@ -171,12 +171,15 @@ def test_matmul_half_x(ggml_type, m, dtype, gen):
     assert relative_error(y, ref) < HALF_BOUND[dtype] / 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @WITH_TYPE
-def test_matmul_inexact_wide(ggml_type, with_bias, gen):
+def test_matmul_inexact_wide(ggml_type, with_bias, dtype, gen):
     """exact=False: the bf16 GEMM where the CPU has AMX, the fp32 tiles elsewhere."""
-    x, w, bias, ref = matmul_case(gen, ggml_type, 300, 37, torch.float32, with_bias)
-    assert relative_error(torch.ops.tinykern.block_matmul(x, w, bias, ggml_type, False), ref) < 1e-2
+    x, w, bias, ref = matmul_case(gen, ggml_type, 300, 37, dtype, with_bias)
+    y = torch.ops.tinykern.block_matmul(x, w, bias, ggml_type, False)
+    assert y.dtype == dtype
+    assert relative_error(y, ref) < 1e-2
 
 
 @WITH_TYPE
