@@ -317,7 +317,8 @@ TK_INLINE void affine_quantize(const float* x, int64_t b0, int64_t b1, uint8_t* 
 }
 
 // The 32-weight formats quantize one block per step in scalar code (L unused): each block is a
-// few dozen operations, well below the cost of reading x.
+// few dozen operations, well below the cost of reading x. Unlike Q4_K they follow the reference
+// at the range ends too (a d past the largest fp16 is stored as Inf): the Python front checks x.
 template <int kBits, bool kAffine>
 struct LegacyQuant {
   static constexpr int64_t kBlock = 32, kGrain = 2048;
