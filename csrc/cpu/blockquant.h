@@ -202,4 +202,16 @@ at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w
   return out.to(x.scalar_type());
 }
 
+// The block_* ops (block_ops.cpp) reach the formats whose kernels live in their own translation
+// units through these, `op` naming the op in errors.
+at::Tensor q4k_dequantize_as(const char* op, const at::Tensor& blocks, at::ScalarType dtype);
+at::Tensor q4k_matmul_as(const char* op, const at::Tensor& x, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& bias, bool exact);
+at::Tensor q8_0_dequantize_as(const char* op, const at::Tensor& blocks, at::ScalarType dtype);
+at::Tensor q8_0_matmul_as(const char* op, const at::Tensor& x, const at::Tensor& w,
+                          const c10::optional<at::Tensor>& bias, bool exact);
+// GGML's reference quantizer of `ggml_type` (quantize.cpp), or an undefined tensor where this
+// build has none for the type.
+at::Tensor quantize_native(const char* op, const at::Tensor& x, int64_t ggml_type);
+
 }  // namespace tinykern::cpu

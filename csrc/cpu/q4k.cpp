@@ -308,6 +308,15 @@ at::Tensor q4k_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optio
 
 }  // namespace
 
+at::Tensor q4k_dequantize_as(const char* op, const at::Tensor& blocks, at::ScalarType dtype) {
+  return block_dequantize<Q4K>(op, blocks, dtype);
+}
+
+at::Tensor q4k_matmul_as(const char* op, const at::Tensor& x, const at::Tensor& w,
+                         const c10::optional<at::Tensor>& bias, bool exact) {
+  return block_matmul<Q4K>(op, x, w, bias, exact);
+}
+
 TORCH_LIBRARY_IMPL(tinykern, CPU, m) {
   m.impl("q4k_dequantize", &q4k_dequantize);
   m.impl("q4k_matmul", &q4k_matmul);

@@ -113,6 +113,15 @@ at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::opti
 
 }  // namespace
 
+at::Tensor q8_0_dequantize_as(const char* op, const at::Tensor& blocks, at::ScalarType dtype) {
+  return block_dequantize<Q8_0>(op, blocks, dtype);
+}
+
+at::Tensor q8_0_matmul_as(const char* op, const at::Tensor& x, const at::Tensor& w,
+                          const c10::optional<at::Tensor>& bias, bool exact) {
+  return block_matmul<Q8_0>(op, x, w, bias, exact);
+}
+
 TORCH_LIBRARY_IMPL(tinykern, CPU, m) {
   m.impl("q8_0_dequantize", &q8_0_dequantize);
   m.impl("q8_0_matmul", &q8_0_matmul);

@@ -12,6 +12,7 @@
 
 #include <torch/library.h>
 
+#include <cfloat>
 #include <cmath>
 
 // The lane vectors are locals of always-inline functions: no vector crosses a call boundary.
@@ -251,6 +252,87 @@ TK_INLINE void q8_0_quantize_lanes(const float* x, int64_t b0, int64_t b1, uint8
   }
 }
 
+// quantize_row_q4_0_ref and quantize_row_q5_0_ref (kBits 4, 5) on blocks [b0, b1): d = the
+// weight of largest magnitude (the first of equals) over -2^(kBits-1), codes
+// min(2^kBits - 1, trunc(x/d + 2^(kBits-1) + 0.5)); Q5_0 keeps bit 4 of code j in bit j of qh.
+template <int kBits>
+TK_INLINE void symmetric_quantize(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+  constexpr int kBytes = kBits == 4 ? 18 : 22, kMax = (1 << kBits) - 1;
+  constexpr float kHalf = static_cast<float>(1 << (kBits - 1));
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xb = x + 32 * b;
+    uint8_t* ob = out + kBytes * b;
+    float amax = 0.f, max = 0.f;
+    for (int j = 0; j < 32; ++j) {
+      if (amax < std::fabs(xb[j])) {
+        amax = std::fabs(xb[j]);
+        max = xb[j];
+      }
+    }
+    const float d = max / -kHalf;
+    const float id = d != 0.f ? 1.0f / d : 0.0f;
+    const uint16_t d16 = c10::detail::fp16_ieee_from_fp32_value(d);
+    std::memcpy(ob, &d16, 2);
+    uint8_t* qs = ob + (kBits == 4 ? 2 : 6);
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+      // Truncation toward zero, as the reference's (int8_t) cast; the sums lie in [0, 2^kBits + 1).
+      const int q0 = std::min(kMax, static_cast<int>(xb[j] * id + (kHalf + 0.5f)));
+      const int q1 = std::min(kMax, static_cast<int>(xb[j + 16] * id + (kHalf + 0.5f)));
+      qs[j] = static_cast<uint8_t>((q0 & 15) | ((q1 & 15) << 4));
+      qh |= static_cast<uint32_t>(q0 >> 4 & 1) << j | static_cast<uint32_t>(q1 >> 4 & 1) << (j + 16);
+    }
+    if (kBits == 5) std::memcpy(ob + 2, &qh, 4);
+  }
+}
+
+// quantize_row_q4_1_ref and quantize_row_q5_1_ref: d = (max - min) / (2^kBits - 1), m = min,
+// codes trunc((x - min)/d + 0.5) (never past 2^kBits - 1: the clamp is a guard).
+template <int kBits>
+TK_INLINE void affine_quantize(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+  constexpr int kBytes = kBits == 4 ? 20 : 24, kMax = (1 << kBits) - 1;
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* xb = x + 32 * b;
+    uint8_t* ob = out + kBytes * b;
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < 32; ++j) {
+      if (xb[j] < min) min = xb[j];
+      if (xb[j] > max) max = xb[j];
+    }
+    const float d = (max - min) / static_cast<float>(kMax);
+    const float id = d != 0.f ? 1.0f / d : 0.0f;
+    const uint16_t d16 = c10::detail::fp16_ieee_from_fp32_value(d), m16 = c10::detail::fp16_ieee_from_fp32_value(min);
+    std::memcpy(ob, &d16, 2);
+    std::memcpy(ob + 2, &m16, 2);
+    uint8_t* qs = ob + (kBits == 4 ? 4 : 8);
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+      const int q0 = std::min(kMax, static_cast<int>((xb[j] - min) * id + 0.5f));
+      const int q1 = std::min(kMax, static_cast<int>((xb[j + 16] - min) * id + 0.5f));
+      qs[j] = static_cast<uint8_t>((q0 & 15) | ((q1 & 15) << 4));
+      qh |= static_cast<uint32_t>(q0 >> 4 & 1) << j | static_cast<uint32_t>(q1 >> 4 & 1) << (j + 16);
+    }
+    if (kBits == 5) std::memcpy(ob + 4, &qh, 4);
+  }
+}
+
+// The 32-weight formats quantize one block per step in scalar code (L unused): each block is a
+// few dozen operations, well below the cost of reading x. Unlike Q4_K they follow the reference
+// at the range ends too (a d past the largest fp16 is stored as Inf): the Python front checks x.
+template <int kBits, bool kAffine>
+struct LegacyQuant {
+  static constexpr int64_t kBlock = 32, kGrain = 2048;
+  static constexpr int64_t kBlockBytes = 2 + (kAffine ? 2 : 0) + (kBits == 5 ? 4 : 0) + 16;
+  template <int L>
+  static TK_INLINE void run(const float* x, int64_t b0, int64_t b1, uint8_t* out) {
+    if constexpr (kAffine) {
+      affine_quantize<kBits>(x, b0, b1, out);
+    } else {
+      symmetric_quantize<kBits>(x, b0, b1, out);
+    }
+  }
+};
+
 // One record per format: block geometry, how many blocks a task takes, its quantizer for L lanes.
 struct Q4KQuant {
   static constexpr int64_t kBlock = 256, kBlockBytes = 144, kGrain = 64;
@@ -314,6 +396,18 @@ at::Tensor q4k_quantize(const at::Tensor& x) { return block_quantize<Q4KQuant>("
 at::Tensor q8_0_quantize(const at::Tensor& x) { return block_quantize<Q8_0Quant>("q8_0_quantize", x); }
 
 }  // namespace
+
+at::Tensor quantize_native(const char* op, const at::Tensor& x, int64_t ggml_type) {
+  switch (ggml_type) {
+    case 2: return block_quantize<LegacyQuant<4, false>>(op, x);
+    case 3: return block_quantize<LegacyQuant<4, true>>(op, x);
+    case 6: return block_quantize<LegacyQuant<5, false>>(op, x);
+    case 7: return block_quantize<LegacyQuant<5, true>>(op, x);
+    case 8: return block_quantize<Q8_0Quant>(op, x);
+    case 12: return block_quantize<Q4KQuant>(op, x);
+    default: return at::Tensor();
+  }
+}
 
 TORCH_LIBRARY_IMPL(tinykern, CPU, m) {
   m.impl("q4k_quantize", &q4k_quantize);
