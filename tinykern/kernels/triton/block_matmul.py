@@ -10,8 +10,8 @@ Two regimes, by the number of rows M of x (the split of q4k_matmul.matmul_launch
 - wide (M > 16): tiled GEMM. Each K step of BLOCK_K decodes a [BLOCK_K, BLOCK_N] tile in
   registers, rounds it to x's dtype for one tl.dot with fp32 accumulation (3xTF32 for fp32 x).
 
-Steps are cut into runs that each lie in one block (BLOCK_K and the skinny run length divide
-the block), so the decoder reads a block's header once per row and run, not once per weight.
+Steps are cut into runs of min(step, block) weights, each inside one block, so the decoder
+reads a block's header once per row and run, not once per weight.
 
 Weights at k >= K are never read (masked decodes), so row padding never meets x, whatever
 it holds. Q4_K and Q8_0 keep their tuned kernels as the registered ops; these kernels serve
@@ -30,8 +30,7 @@ from tinykern.kernels.triton.decode import DECODERS
 from tinykern.kernels.triton.q4k_matmul import matmul_launch, wide_configs
 from tinykern.kernels.triton.tiles import grouped_tile
 
-# Weights per wide K step, at most: one tl.dot of K 64 (32 for 32-weight blocks: a step never
-# straddles two blocks).
+# Weights per wide K step: one tl.dot of K 64.
 WIDE_BLOCK_K = 64
 # Weights per dequantize program, at least (whole blocks).
 DEQUANT_WEIGHTS = 1024
@@ -84,7 +83,8 @@ def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
                  stride_xm, stride_wn, stride_om,
                  HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                 DECODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr):
+                 DECODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NBS: tl.constexpr, SUB: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,16 +95,22 @@ def _wide_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K,
     w_row = (w_ptr + rn.to(tl.int64) * stride_wn)[None, :]
     dtype = x_ptr.dtype.element_ty
     kk = tl.arange(0, BLOCK_K)
+    run = tl.arange(0, NBS) * SUB
+    kr = run[:, None] + tl.arange(0, SUB)[None, :]
+    w_row3 = w_row[None, :, :]
+    n_mask3 = n_mask[None, None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for i in range(0, tl.cdiv(K, BLOCK_K)):
-        # BLOCK_K divides BLOCK: one block per step, one header load per row (j as in the
-        # skinny kernel).
+        # The step as NBS runs of SUB weights, each inside one block: one header load per
+        # row and run (j as in the skinny kernel).
         k0 = i * BLOCK_K
-        k = k0 + kk
-        k_ok = k < K
+        k3 = (k0 + kr)[:, :, None]
+        start = (k0 + run)[:, None, None]
+        b = DECODE(w_row3, start // BLOCK, k3 % BLOCK, n_mask3 & (start < K), n_mask3 & (k3 < K))
         # [BLOCK_K, BLOCK_N]: transposed for tl.dot.
-        b = DECODE(w_row, k0 // BLOCK, (k % BLOCK)[:, None], n_mask[None, :], k_ok[:, None] & n_mask[None, :])
-        a = tl.load(x_row + k[None, :], mask=m_mask[:, None] & k_ok[None, :], other=0)
+        b = tl.reshape(b, (BLOCK_K, BLOCK_N))
+        k = k0 + kk
+        a = tl.load(x_row + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
         acc = tl.dot(a, b.to(dtype), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -154,7 +160,8 @@ def _matmul(fmt, x, w, bias):
     sub = min(ks, dec.block)
     n_steps = max(1, triton.cdiv(K, ks))  # one (fully masked) step when K is 0
     wide = _WithMeta(_wide_kernel, DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes,
-                     BLOCK_K=min(WIDE_BLOCK_K, dec.block))
+                     BLOCK_K=WIDE_BLOCK_K, NBS=WIDE_BLOCK_K // min(WIDE_BLOCK_K, dec.block),
+                     SUB=min(WIDE_BLOCK_K, dec.block))
     return matmul_launch(_skinny_kernel, wide, x, w, bias, n_steps, n_steps,
                          DECODE=dec.fn, BLOCK=dec.block, NBS=ks // sub, SUB=sub)
 
