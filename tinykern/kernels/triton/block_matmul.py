@@ -155,6 +155,8 @@ def skinny_step(block_m):
 
 def _matmul(fmt, x, w, bias):
     _, dec = _decoder(fmt)
+    if x.stride(-1) != 1:  # the kernels step along K by address
+        x = x.contiguous()
     M, K = x.shape
     ks = skinny_step(triton.next_power_of_2(max(M, 1)))
     sub = min(ks, dec.block)
