@@ -35,15 +35,16 @@ def float32_in_range(w, name, fmt, low, high):
     return x
 
 
-def native_quantize(op, x):
+def native_quantize(op, x, *args):
     """x quantized by the compiled op `op` of tinykern._C (a port of GGML's reference quantizer,
-    byte for byte), or None where it does not run: x off the CPU, _C not built, or a backend
-    other than "cpu" forced (`with tinykern.backend("torch")` gives the torch quantizer)."""
+    byte for byte; `args` follow x), or None where it does not run: x off the CPU, _C not built,
+    or a backend other than "cpu" forced (`with tinykern.backend("torch")` gives the torch
+    quantizer)."""
     from tinykern import _ext, backends
 
     if x.device.type != "cpu" or not _ext.available() or backends.current() not in ("auto", "cpu"):
         return None
-    return getattr(torch.ops.tinykern, op)(x.contiguous())
+    return getattr(torch.ops.tinykern, op)(x.contiguous(), *args)
 
 
 def round_to_fp16(x):

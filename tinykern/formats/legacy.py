@@ -9,7 +9,7 @@ the same order, so they give its bytes on any device.
 
 import torch
 
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes
+from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize
 
 BLOCK = 32
 HALF = BLOCK // 2
@@ -36,6 +36,9 @@ def quantize_symmetric(w, name, fmt, bits):
     ggml's reference quantizer."""
     max_abs = symmetric_max_abs(bits)
     x = _blocks_of(w, name, fmt, -max_abs, max_abs)
+    native = native_quantize("block_quantize", x, GGML_TYPES[fmt])
+    if native is not None:
+        return native.reshape(*w.shape[:-1], -1)
     levels = 1 << bits
     # The signed value of largest magnitude, the first one on ties. An all-zero block keeps +0.0
     # (the reference's initial value), so that its d is -0.0 as there.
@@ -59,6 +62,9 @@ def quantize_affine(w, name, fmt, bits):
     low = x.gather(1, first[:, None])[:, 0]
     d = (high - low) / nmax
     _check_fp16(w, name, fmt, nmax, low, high, d)
+    native = native_quantize("block_quantize", x, GGML_TYPES[fmt])
+    if native is not None:
+        return native.reshape(*w.shape[:-1], -1)
     q = _codes((x - low[:, None]) * _inverse(d)[:, None] + 0.5, nmax + 1)
     return _pack(w, [fp16_bytes(d), fp16_bytes(low)], q, bits)
 
@@ -80,6 +86,10 @@ def dequantize_affine(blocks, dtype, bits):
     q = _unpack(b[:, 4:], bits).float()
     # As the reference: the exact product, then one rounding in the add.
     return _shaped(blocks, d[:, None] * q + m[:, None], dtype, bits, True)
+
+
+# The compiled quantizers (tinykern._C's block_quantize, the same bytes) by GGML type id.
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7}
 
 
 def _blocks_of(w, name, fmt, low, high):
