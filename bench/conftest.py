@@ -1,13 +1,17 @@
 """pytest-benchmark suite: `pytest bench/ --benchmark-only`.
 
-A test named test_<op> taking `case` and `impl` is run for every case of the shape set and every
-implementation of <op> (tinykern.bench.cases): tinykern's backends that `auto` could pick on the
-bench device, then the baselines. Rows that cannot run here are skipped with the reason.
+A test named test_<kind> taking `op`, `case` and `impl` (kind: matmul, conv2d, quantize) runs
+every op of that kind among the selected formats; one named test_<op> taking `case` and `impl`
+runs that op (rvq_encode). Each runs every case of the shape set and every implementation of
+the op (tinykern.bench.cases): tinykern's backends that `auto` could pick on the bench device,
+then the baselines. Rows that cannot run here are skipped with the reason.
 
 Environment: TINYKERN_BENCH_DEVICE (cpu | cuda; default cuda when visible), TINYKERN_BENCH_SHAPES
 (tiny | small | full; default full on cuda, small on cpu), TINYKERN_BENCH_FULL=1 (full set on
-cpu too) and TINYKERN_BENCH_THREADS (torch's CPU threads; default torch's own choice). Test ids
-are "<case id>-<implementation>", stable across runs for --benchmark-compare.
+cpu too), TINYKERN_BENCH_FORMATS (comma-separated formats or "all", as `python -m tinykern.bench
+--formats`; default q4_k,q8_0) and TINYKERN_BENCH_THREADS (torch's CPU threads; default torch's
+own choice). Test ids are "<op>-<case id>-<implementation>" ("<case id>-<implementation>" for
+test_<op>), stable across runs for --benchmark-compare.
 """
 
 import os
@@ -20,14 +24,30 @@ from tinykern.bench import cases, machine, shapes, timing
 
 DEVICE = os.environ.get("TINYKERN_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE_SET = os.environ.get("TINYKERN_BENCH_SHAPES") or shapes.default_set(DEVICE)
+FORMATS_ENV = os.environ.get("TINYKERN_BENCH_FORMATS") or ",".join(cases.DEFAULT_FORMATS)
 MAX_ROUNDS = 100
 _NOTES = []
 
 
+def pytest_configure(config):
+    # An unknown format stops the run at once, in one line, rather than as a collection error per file.
+    try:
+        cases.parse_formats(FORMATS_ENV)
+    except ValueError as e:
+        raise pytest.UsageError(f"TINYKERN_BENCH_FORMATS: {e}") from None
+
+
 def pytest_generate_tests(metafunc):
-    if {"case", "impl"} <= set(metafunc.fixturenames):
-        op = metafunc.function.__name__.removeprefix("test_")
-        pairs = [(case, impl) for case in cases.CASES[op](SHAPE_SET) for impl in cases.impls(op)]
+    names = set(metafunc.fixturenames)
+    if not {"case", "impl"} <= names:
+        return
+    name = metafunc.function.__name__.removeprefix("test_")
+    if "op" in names:
+        ops = cases.ops_for(cases.parse_formats(FORMATS_ENV), kinds=(name,))
+        rows = [(op, case, impl) for op in ops for case in cases.CASES[op](SHAPE_SET) for impl in cases.impls(op)]
+        metafunc.parametrize(("op", "case", "impl"), rows, ids=[f"{op}-{case.id}-{impl}" for op, case, impl in rows])
+    else:
+        pairs = [(case, impl) for case in cases.CASES[name](SHAPE_SET) for impl in cases.impls(name)]
         metafunc.parametrize(("case", "impl"), pairs, ids=[f"{case.id}-{impl}" for case, impl in pairs])
 
 
@@ -83,6 +103,8 @@ def run_row(benchmark, workspace, device_name, request):
             out, peak = timing.peak_memory(row.fn, DEVICE)
         except ValueError as e:
             pytest.skip(f"{impl} refused the shape: {e}")
+        except NotImplementedError as e:
+            pytest.skip(f"{impl} does not implement {op}: {e}")
         first = time.perf_counter() - start
         extra.update(row.check(out), peak_memory_bytes=peak if row.torch_memory else None,
                      memory_method=timing.memory_method(DEVICE))
@@ -109,7 +131,7 @@ def run_row(benchmark, workspace, device_name, request):
         if benchmark.stats is not None:  # None under --benchmark-disable
             median = benchmark.stats.stats.median
             extra.update(GBps=row.bytes / median / 1e9, TFLOPs=row.flops / median / 1e12)
-            if op.endswith("_quantize"):
+            if cases.kind(op) == "quantize":
                 extra["weights_per_s"] = case.rows * case.cols / median
         return row
 

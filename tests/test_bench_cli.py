@@ -1,6 +1,7 @@
 """`python -m tinykern.bench` end to end on the tiny shape set (seconds), writing into tmp_path:
 the JSON names device, versions, ceilings and every row's op, implementation, shape and cost;
-the Markdown has the tables and says why rows did not run; the plot exists when matplotlib does."""
+the Markdown has the tables and says why rows did not run; the plot exists when matplotlib does.
+Then the format selection, and every format's rows built and checked with the torch backend."""
 
 import importlib.util
 import json
@@ -9,8 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+from tinykern.bench import __main__ as cli
 from tinykern.bench import cases, machine, report, shapes
+from tinykern.formats import FORMATS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,9 +42,11 @@ def test_json_describes_every_row(run):
     assert {"torch", "triton", "tinykern"} <= set(results["versions"])
     assert results["ceilings"]["bandwidth_GBps"] > 0 and results["ceilings"]["flops_TFLOPs"] > 0
     assert "other_processes_cpu_share" in results["machine_load"]
+    assert results["formats"] == sorted(cases.DEFAULT_FORMATS, key=list(FORMATS).index)
     ran = {(r["op"], r["case"], r["impl"]) for r in results["rows"]}
     skipped = {(s["op"], s["case"], s["impl"]) for s in results["skipped"]}
-    for op in cases.OPS:
+    assert {op for op, _, _ in ran | skipped} == set(cases.ops_for(cases.DEFAULT_FORMATS))
+    for op in cases.ops_for(cases.DEFAULT_FORMATS):
         for case in cases.CASES[op]("tiny"):
             for impl in cases.impls(op):
                 assert (op, case.id, impl) in ran | skipped, f"{op} {case.id} {impl} neither ran nor was skipped"
@@ -58,7 +64,7 @@ def test_json_describes_every_row(run):
 def test_markdown_and_plot(run):
     _, out, slug = run
     text = (out / f"{slug}.md").read_text()
-    for op in cases.OPS:
+    for op in cases.ops_for(cases.DEFAULT_FORMATS):
         assert f"## {op}" in text
     assert "| case | implementation | time | GB/s |" in text
     assert "## Not run" in text and "## Ceilings measured in this run" in text
@@ -84,3 +90,51 @@ def test_case_ids_are_unique_per_set():
         for op in cases.OPS:
             ids = [c.id for c in cases.CASES[op](which)]
             assert len(ids) == len(set(ids)), (op, which)
+
+
+def test_op_ids_come_from_the_format_records():
+    # The default formats' ids are those saved results and --benchmark-compare match on.
+    assert set(cases.ops_for(cases.DEFAULT_FORMATS)) == {
+        "q4k_matmul", "q8_0_matmul", "q4k_conv2d", "q8_0_conv2d", "rvq_encode", "q4k_quantize", "q8_0_quantize"}
+    for fmt in FORMATS.values():
+        assert cases.format_of(fmt.op("matmul")) is fmt and cases.kind(fmt.op("conv2d")) == "conv2d"
+        assert (fmt.op("quantize") in cases.OPS) == (fmt.quantize is not None)
+    assert cases.parse_formats("all") == tuple(FORMATS)
+    assert cases.parse_formats(" Q5_K,q4_k,q5_k") == ("q5_k", "q4_k")
+
+
+def test_selection_of_formats_and_ops():
+    assert cli._select(None, None) == cases.ops_for(cases.DEFAULT_FORMATS)
+    assert cli._select(None, "q5_k_matmul") == ("q5_k_matmul",)  # --ops alone picks its formats
+    assert cli._select("q6_k", None) == ("q6_k_matmul", "q6_k_conv2d", "rvq_encode", "q6_k_quantize")
+    assert cli._select("all", "q2_k_conv2d,rvq_encode") == ("q2_k_conv2d", "rvq_encode")
+    for formats, op_list in (("q4_k,q9_k", None), ("", None), (None, "q9_k_matmul"), ("q4_k", "q5_k_matmul")):
+        with pytest.raises(ValueError):
+            cli._select(formats, op_list)
+
+
+def test_unknown_format_is_refused_in_one_line_before_any_work(tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "tinykern.bench", "--formats", "q4_k,q9_z", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().count("\n") == 0 and "q9_z" in done.stderr, done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_every_format_builds_valid_rows(name):
+    """Each format's tiny rows run on the torch backend within the bounds: the drawn blocks are
+    valid weights, and MAX_QUANT_ERROR holds the quantizer (and rejects a broken one)."""
+    fmt = FORMATS[name]
+    workspace = cases.Workspace()
+    for op in cases.ops_for((name,), kinds=("matmul", "conv2d", "quantize")):
+        impl = "tinykern" if cases.kind(op) == "quantize" else "torch"
+        for case in cases.CASES[op]("tiny"):
+            row = cases.prepare(op, case, impl, "cpu", workspace)
+            figures = row.check(row.fn())
+            assert figures["rel_error"] >= 0
+            if cases.kind(op) == "quantize":
+                assert figures["rel_error"] > cases.MAX_QUANT_ERROR[name] / 4  # the bound is not loose by far
+                with pytest.raises(AssertionError):
+                    row.check(fmt.quantize(torch.zeros_like(workspace.get(op, case, "cpu")["w"])))

@@ -1,20 +1,27 @@
 """What one benchmark row runs: the inputs of a case and a callable per implementation, with the
 bytes and flops it is charged for. Shared by bench/*.py and `python -m tinykern.bench`.
 
+The ops come from tinykern.formats.FORMATS: for every format its matmul and conv2d (named as the
+backend registry names them: Format.op("matmul"), e.g. "q4k_matmul", "q5_k_matmul") and, for
+every format tinykern writes, its quantizer (Format.op("quantize"): "q4k_quantize", ...); then
+rvq_encode. All formats run the same shapes, so rows compare across formats.
+
 Implementations of an op are the tinykern backends (each called through the public op with the
 backend forced) and baselines:
 
 - "dense": F.linear / F.conv2d with the dense weight (fp16 on GPU, fp32 on CPU).
 - "dequant_then_matmul": dequantize the whole weight in torch, then F.linear / F.conv2d: what
   diffusers' GGUFLinear does on every forward. diffusers' own class runs when diffusers is
-  importable and the rows are whole GGUF blocks; otherwise tinykern's torch backend, which does
-  exactly that. `detail` says which ran.
+  importable, dequantizes the format and the rows are whole GGUF blocks; otherwise tinykern's
+  torch backend, which does exactly that. `detail` says which ran.
 - rvq_encode: "cdist_argmin" (torch.cdist + argmin per level, the N x K matrix included) and
   "vector_quantize_pytorch" (its ResidualVQ in eval mode with the same codebooks).
-- q4k_quantize / q8_0_quantize: "tinykern" (tinykern.formats: the compiled quantizer on CPU,
-  vectorized torch on a GPU), "tinykern_torch" (the torch quantizer forced), and on CPU
-  "ggml_ref" (libggml's C reference quantizer, one thread) and for Q8_0 "gguf_numpy" (gguf-py's
-  numpy quantizer; it has none for Q4_K).
+- <format>_quantize: "tinykern" (tinykern.formats: the compiled quantizer on CPU where there is
+  one, else vectorized torch), "tinykern_torch" (the torch quantizer forced; not run where
+  "tinykern" already is it), and on CPU "gguf_numpy" (gguf-py's numpy quantizer, for the formats
+  it quantizes) and "ggml_ref" (libggml's C reference quantizer, one thread, for the formats
+  tinykern.bench.ggml binds). A baseline that does not cover a format is listed as not run,
+  with the reason.
 
 Bytes are the op's compulsory traffic: every input read once (packed weights with their
 scales, activations, bias, codebooks) and every output written once. Rows that consume the
@@ -29,29 +36,72 @@ import torch.nn.functional as F
 
 from tinykern import backends, ops
 from tinykern.bench import ggml, machine, shapes
-from tinykern.formats import q4k, q8_0
+from tinykern.formats import FORMATS
 
-OPS = ("q4k_matmul", "q8_0_matmul", "q4k_conv2d", "rvq_encode", "q4k_quantize", "q8_0_quantize")
-BASELINES = {
-    "q4k_matmul": ("dense", "dequant_then_matmul"),
-    "q8_0_matmul": ("dense", "dequant_then_matmul"),
-    "q4k_conv2d": ("dense", "dequant_then_matmul"),
-    "rvq_encode": ("cdist_argmin", "vector_quantize_pytorch"),
-    "q4k_quantize": ("ggml_ref",),
-    "q8_0_quantize": ("gguf_numpy", "ggml_ref"),
-}
-CASES = {"q4k_matmul": shapes.q4k_matmul, "q8_0_matmul": shapes.q8_0_matmul, "q4k_conv2d": shapes.q4k_conv2d,
-         "rvq_encode": shapes.rvq, "q4k_quantize": shapes.quantize, "q8_0_quantize": shapes.quantize}
-_FORMATS = {"q4k_matmul": q4k, "q8_0_matmul": q8_0, "q4k_conv2d": q4k, "q4k_quantize": q4k, "q8_0_quantize": q8_0}
-# Relative RMS error of dequantize(quantize(w)) for Gaussian weights: Q4_K lands near 0.1, Q8_0
-# near 0.005; a broken quantizer is far above.
-MAX_QUANT_ERROR = {q4k: 0.15, q8_0: 0.01}
+# What runs unless a format selection says otherwise: the formats of tinykern's defaults (the
+# UNet's and the text encoder's), so that a default run stays the size it always was.
+DEFAULT_FORMATS = ("q4_k", "q8_0")
+_LINEAR_BASELINES = ("dense", "dequant_then_matmul")
+_QUANTIZE_BASELINES = ("gguf_numpy", "ggml_ref")
+
+
+def _op_table():
+    """{op: (kind, Format or None)} in report order: matmuls, convs, rvq_encode, quantizers."""
+    table = {fmt.op("matmul"): ("matmul", fmt) for fmt in FORMATS.values()}
+    table.update({fmt.op("conv2d"): ("conv2d", fmt) for fmt in FORMATS.values()})
+    table["rvq_encode"] = ("rvq_encode", None)
+    table.update({fmt.op("quantize"): ("quantize", fmt) for fmt in FORMATS.values() if fmt.quantize is not None})
+    return table
+
+
+_OPS = _op_table()
+OPS = tuple(_OPS)
+KINDS = ("matmul", "conv2d", "rvq_encode", "quantize")
+BASELINES = {op: {"matmul": _LINEAR_BASELINES, "conv2d": _LINEAR_BASELINES, "quantize": _QUANTIZE_BASELINES,
+                  "rvq_encode": ("cdist_argmin", "vector_quantize_pytorch")}[kind] for op, (kind, _) in _OPS.items()}
+_SHAPES = {"matmul": shapes.matmul, "conv2d": shapes.conv2d, "rvq_encode": shapes.rvq, "quantize": shapes.quantize}
+CASES = {op: _SHAPES[kind] for op, (kind, _) in _OPS.items()}
+# Relative RMS error of dequantize(quantize(w)) for Gaussian weights is c * 2**-bits_per_weight
+# with c about 1.6 to 2.5 for every format (each bit halves the code step; the scale bytes
+# counted in bits_per_weight only move c). A bound of 4 * 2**-bpw leaves over 1.5x margin for
+# every format; a broken quantizer lands near 1.
+MAX_QUANT_ERROR = {name: 4 * 2 ** -fmt.bits_per_weight for name, fmt in FORMATS.items() if fmt.quantize is not None}
 # Worst relative error vs the fp32 dense result a row may show before it counts as wrong: fp16
 # activations, and diffusers' dequantization in fp16, stay near 1e-3; a broken kernel is near 1.
 MAX_REL_ERROR = 2e-2
 # An encode whose reconstruction error exceeds the torch reference's by more than this is wrong;
 # near-ties may pick other codes of (almost) the same error.
 MAX_RECON_RATIO = 1.02
+# Packed weights are drawn from this many real blocks per format (see random_blocks).
+POOL_BLOCKS = 1024
+
+
+def kind(op):
+    """"matmul", "conv2d", "rvq_encode" or "quantize"."""
+    return _OPS[op][0]
+
+
+def format_of(op):
+    """The Format record `op` runs, or None (rvq_encode)."""
+    return _OPS[op][1]
+
+
+def parse_formats(text):
+    """"q4_k,q8_0" (FORMATS keys, any case) or "all" -> a tuple of FORMATS keys; ValueError in
+    one line for an unknown or empty selection."""
+    if text.strip().lower() == "all":
+        return tuple(FORMATS)
+    names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown formats {unknown or [text]}; expected some of {','.join(FORMATS)} (or all)")
+    return names
+
+
+def ops_for(formats, kinds=KINDS):
+    """The ops of `kinds` whose format is among `formats` (FORMATS keys), rvq_encode (no format)
+    included when its kind is, in OPS order."""
+    return tuple(op for op, (k, fmt) in _OPS.items() if k in kinds and (fmt is None or fmt.name in formats))
 
 
 class Unavailable(Exception):
@@ -81,7 +131,7 @@ class Row:
 
 
 def impls(op):
-    own = ("tinykern", "tinykern_torch") if op.endswith("_quantize") else backends.BACKENDS
+    own = ("tinykern", "tinykern_torch") if kind(op) == "quantize" else backends.BACKENDS
     return own + BASELINES[op]
 
 
@@ -127,32 +177,71 @@ def prepare(op, case, impl, device, workspace):
         reason = backend_reason(impl, device, op)
         if reason is not None:
             raise Unavailable(reason)
-    if impl == "gguf_numpy" and device.type != "cpu":
-        raise Unavailable("gguf-py's quantizer is numpy code: it runs on the CPU only")
+    if impl == "gguf_numpy":
+        if device.type != "cpu":
+            raise Unavailable("gguf-py's quantizer is numpy code: it runs on the CPU only")
+        reason = _gguf_numpy_reason(format_of(op))
+        if reason is not None:
+            raise Unavailable(reason)
     if impl == "ggml_ref":
         if device.type != "cpu":
             raise Unavailable("libggml's reference quantizer runs on the CPU only")
+        if _ggml_name(format_of(op)) is None:
+            covered = [f.name for f in FORMATS.values() if _ggml_name(f) is not None]
+            raise Unavailable(f"tinykern.bench.ggml binds libggml's reference quantizers for {', '.join(covered)} only")
         reason = ggml.unavailable_reason()
         if reason is not None:
             raise Unavailable(reason)
+    if impl == "tinykern_torch" and device.type == "cpu" and not hasattr(torch.ops.tinykern, op):
+        raise Unavailable(f"tinykern._C has no compiled {op}: the tinykern row already is the torch quantizer")
+    fmt = format_of(op)
+    if fmt is not None and fmt.quantize is None and kind(op) != "quantize":
+        raise Unavailable(f"{fmt.name} has no quantizer to draw valid weights from")
     data = workspace.get(op, case, device)
-    build = {"rvq_encode": _rvq_row, "q4k_conv2d": _conv_row, "q4k_quantize": _quantize_row,
-             "q8_0_quantize": _quantize_row}.get(op, _matmul_row)
+    build = {"rvq_encode": _rvq_row, "conv2d": _conv_row, "quantize": _quantize_row, "matmul": _matmul_row}[kind(op)]
     return build(op, case, impl, device, data)
 
 
+def _ggml_name(fmt):
+    """tinykern.bench.ggml's name of fmt, or None where it does not bind the format."""
+    return {t: name for name, t in ggml.GGML_TYPE.items()}.get(fmt.ggml_type)
+
+
+def _gguf_numpy_reason(fmt):
+    try:
+        import gguf
+        import numpy as np
+        from gguf import quants
+    except ImportError as e:
+        return f"gguf-py is not importable ({e})"
+    try:
+        quants.quantize(np.zeros((1, fmt.block), np.float32), gguf.GGMLQuantizationType(fmt.ggml_type))
+    except NotImplementedError:
+        return f"gguf-py {machine.dist_version('gguf')} has no {fmt.name} quantizer"
+    return None
+
+
 def random_blocks(fmt, rows, cols, device, gen):
-    """Valid packed rows of `fmt` holding `cols` weights in whole blocks, with random codes and
-    scales: kernels read every byte alike, so they time as real weights do, and building them
-    costs nothing next to quantizing. Weights past `cols` (row padding) are random too; the ops
-    never pair them with an input."""
-    nb = -(-cols // fmt.BLOCK)
-    blocks = torch.randint(0, 256, (rows * nb, fmt.BLOCK_BYTES), dtype=torch.uint8, device=device, generator=gen)
-    # Normal fp16 scales keep every weight finite and of a trained layer's size (|w| < 0.3).
-    scales = 1e-4 + 2e-4 * torch.rand(rows * nb, 2, device=device, generator=gen)
-    count = 2 if fmt is q4k else 1  # Q4_K: d and dmin; Q8_0: d
-    blocks[:, :2 * count] = scales[:, :count].to(torch.float16).view(torch.uint8)
-    return blocks.reshape(rows, nb * fmt.BLOCK_BYTES)
+    """Valid packed rows of Format `fmt` holding `cols` weights in whole blocks, each block drawn
+    at random from POOL_BLOCKS blocks quantized from Gaussian weights of a trained layer's size:
+    kernels read every byte alike, so they time as real weights do, drawing costs nothing next to
+    quantizing the whole weight, and no format's layout needs spelling out here. Weights past
+    `cols` (row padding) are drawn too; the ops never pair them with an input."""
+    nb = -(-cols // fmt.block)
+    pool = _block_pool(fmt).to(device)
+    pick = torch.randint(0, pool.shape[0], (rows * nb,), device=device, generator=gen)
+    return pool[pick].reshape(rows, nb * fmt.block_bytes)
+
+
+_POOLS = {}
+
+
+def _block_pool(fmt):
+    if fmt.name not in _POOLS:
+        gen = torch.Generator().manual_seed(0)
+        w = 0.02 * torch.randn(POOL_BLOCKS, fmt.block, generator=gen)
+        _POOLS[fmt.name] = fmt.quantize(w).reshape(POOL_BLOCKS, fmt.block_bytes)
+    return _POOLS[fmt.name]
 
 
 def _generator(device):
@@ -168,10 +257,10 @@ def _build(op, case, device):
         books = torch.randn(case.levels, case.k, case.d, device=device, generator=gen) * scale[:, None, None]
         x = torch.randn(case.n, case.d, device=device, generator=gen)
         return {"x": x, "codebooks": books}
-    fmt = _FORMATS[op]
-    if op.endswith("_quantize"):
+    fmt = format_of(op)
+    if kind(op) == "quantize":
         return {"w": 0.02 * torch.randn(case.rows, case.cols, device=device, generator=gen)}
-    if op == "q4k_conv2d":
+    if kind(op) == "conv2d":
         row = case.cin * case.kernel * case.kernel
         w = random_blocks(fmt, case.cout, row, device, gen)
         x = torch.randn(case.batch, case.cin, case.height, case.width, device=device, generator=gen).to(dtype)
@@ -191,7 +280,7 @@ def _reference(op, case, data):
         if op == "rvq_encode":
             with backends.backend("torch"):
                 data["reference"] = ops.rvq_encode(data["x"], data["codebooks"])
-        elif op == "q4k_conv2d":
+        elif kind(op) == "conv2d":
             data["reference"] = F.conv2d(data["x"].float(), data["dense"].float(), _f32(data["bias"]), case.stride,
                                          case.padding)
         else:
@@ -224,14 +313,14 @@ def _backend_call(name, op_fn, *args, exact=False):
 
 def _matmul_row(op, case, impl, device, data):
     x, w, bias, dense = data["x"], data["w"], data["bias"], data["dense"]
-    fmt = _FORMATS[op]
-    op_fn = ops.q4k_matmul if op == "q4k_matmul" else ops.q8_0_matmul
+    fmt = format_of(op)
     if impl == "dense":
         fn, detail = (lambda: F.linear(x, dense, bias)), f"F.linear, dense {_dtype_name(x.dtype)} weight"
     elif impl == "dequant_then_matmul":
-        fn, detail = _dequant_then_linear(op_fn, x, w, bias, case.k, fmt)
+        fn, detail = _dequant_then_linear(x, w, bias, case.k, fmt)
     else:
-        fn, detail = _backend_call(impl, op_fn, x, w, bias), f"tinykern.ops.{op} with backend {impl!r}"
+        fn = _backend_call(impl, ops.matmul, x, w, fmt, bias)
+        detail = f"tinykern.ops.matmul({fmt.name}) with backend {impl!r}"
     weight_bytes = dense.numel() * dense.element_size() if impl == "dense" else w.numel()
     nbytes = x.numel() * x.element_size() + weight_bytes + case.m * case.n * x.element_size()
     nbytes += 0 if bias is None else bias.numel() * bias.element_size()
@@ -239,18 +328,22 @@ def _matmul_row(op, case, impl, device, data):
                2 * case.m * case.n * case.k, _dtype_name(x.dtype), str(device))
 
 
-def _dequant_then_linear(op_fn, x, w, bias, k, fmt):
-    torch_backend = _backend_call("torch", op_fn, x, w, bias)
+def _dequant_then_linear(x, w, bias, k, fmt):
+    torch_backend = _backend_call("torch", ops.matmul, x, w, fmt, bias)
     try:
         import diffusers
         import gguf
+        from diffusers.quantizers.gguf import utils as diffusers_gguf
         from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
     except ImportError as e:
         return torch_backend, f"tinykern's torch backend (dequantize, then F.linear): diffusers is not importable ({e})"
-    if k % fmt.BLOCK:
+    if k % fmt.block:
         return torch_backend, (f"tinykern's torch backend (dequantize, then F.linear): K={k} is not a whole number of "
-                               f"{fmt.BLOCK}-weight blocks, which GGUF (and so GGUFLinear) cannot hold")
-    qtype = gguf.GGMLQuantizationType.Q4_K if fmt is q4k else gguf.GGMLQuantizationType.Q8_0
+                               f"{fmt.block}-weight blocks, which GGUF (and so GGUFLinear) cannot hold")
+    qtype = gguf.GGMLQuantizationType(fmt.ggml_type)
+    if qtype not in getattr(diffusers_gguf, "dequantize_functions", {}):
+        return torch_backend, (f"tinykern's torch backend (dequantize, then F.linear): diffusers "
+                               f"{diffusers.__version__} cannot dequantize {fmt.name}")
     layer = GGUFLinear(k, w.shape[0], bias=bias is not None, compute_dtype=x.dtype, device="meta")
     layer.weight = GGUFParameter(w, quant_type=qtype)
     if bias is not None:
@@ -260,16 +353,17 @@ def _dequant_then_linear(op_fn, x, w, bias, k, fmt):
 
 def _conv_row(op, case, impl, device, data):
     x, w, bias, dense = data["x"], data["w"], data["bias"], data["dense"]
-    args = (x, w, bias, case.cin, case.kernel, case.stride, case.padding)
+    fmt = format_of(op)
+    args = (x, w, fmt, case.kernel, bias, case.stride, case.padding)
     if impl == "dense":
         fn, detail = (lambda: F.conv2d(x, dense, bias, case.stride, case.padding)), f"F.conv2d, dense {_dtype_name(x.dtype)} weight"
     elif impl == "dequant_then_matmul":
         # diffusers' GGUF support replaces nn.Linear only; its approach applied to a conv is
         # tinykern's torch backend.
-        fn = _backend_call("torch", ops.q4k_conv2d, *args)
+        fn = _backend_call("torch", ops.conv2d, *args)
         detail = "tinykern's torch backend (dequantize, then F.conv2d): diffusers' GGUF has no conv layer"
     else:
-        fn, detail = _backend_call(impl, ops.q4k_conv2d, *args), f"tinykern.ops.q4k_conv2d with backend {impl!r}"
+        fn, detail = _backend_call(impl, ops.conv2d, *args), f"tinykern.ops.conv2d({fmt.name}) with backend {impl!r}"
     oh, ow = case.out_hw
     weight_bytes = dense.numel() * dense.element_size() if impl == "dense" else w.numel()
     nbytes = (x.numel() + case.batch * case.cout * oh * ow + case.cout) * x.element_size() + weight_bytes
@@ -304,8 +398,7 @@ def _rvq_row(op, case, impl, device, data):
 
 def _quantize_row(op, case, impl, device, data):
     w = data["w"]
-    fmt = _FORMATS[op]
-    short = fmt.__name__.rsplit(".", 1)[-1]  # "q4k" or "q8_0": ggml's name for it too
+    fmt = format_of(op)
     if impl == "gguf_numpy":
         import gguf
         from gguf import quants
@@ -313,25 +406,27 @@ def _quantize_row(op, case, impl, device, data):
         array = w.numpy()
 
         def fn():
-            return torch.from_numpy(quants.quantize(array, gguf.GGMLQuantizationType.Q8_0))
+            return torch.from_numpy(quants.quantize(array, gguf.GGMLQuantizationType(fmt.ggml_type)))
 
         detail = f"gguf-py {machine.dist_version('gguf')} quants.quantize (numpy)"
     elif impl == "ggml_ref":
-        fn = lambda: ggml.quantize_ref(short, w)  # noqa: E731
-        detail = f"libggml-python {ggml.version()} quantize_row_{'q4_K' if fmt is q4k else short}_ref (C, one thread)"
+        fn = lambda: ggml.quantize_ref(_ggml_name(fmt), w)  # noqa: E731
+        c_name = fmt.name[:-1] + "K" if fmt.name.endswith("_k") else fmt.name  # ggml spells K-quants "q4_K"
+        detail = f"libggml-python {ggml.version()} quantize_row_{c_name}_ref (C, one thread)"
     elif impl == "tinykern_torch":
         fn = _backend_call("torch", fmt.quantize, w)
-        detail = f"tinykern.formats.{short}.quantize with the torch backend forced"
+        detail = f"tinykern's {fmt.name} quantizer with the torch backend forced"
     else:
-        fn, detail = (lambda: fmt.quantize(w)), f"tinykern.formats.{short}.quantize on {device.type}"
+        fn, detail = (lambda: fmt.quantize(w)), f"tinykern's {fmt.name} quantizer on {device.type}"
+    bound = MAX_QUANT_ERROR[fmt.name]
 
     def check(out):
         err = ((fmt.dequantize(out.to(w.device)) - w).norm() / w.norm()).item()
-        if not err <= MAX_QUANT_ERROR[fmt]:
-            raise AssertionError(f"{op} {case.id}: relative error {err:.3g} of the round trip exceeds {MAX_QUANT_ERROR[fmt]}")
+        if not err <= bound:
+            raise AssertionError(f"{op} {case.id}: relative error {err:.3g} of the round trip exceeds {bound:.3g}")
         return {"rel_error": err}
 
-    packed = case.rows * case.cols // fmt.BLOCK * fmt.BLOCK_BYTES
+    packed = case.rows * case.cols // fmt.block * fmt.block_bytes
     return Row(op, case, impl, _kind(op, impl), detail, fn, check, w.numel() * 4 + packed, 0, "float32", str(device),
                torch_memory=impl not in ("gguf_numpy", "ggml_ref"))
 

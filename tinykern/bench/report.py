@@ -1,6 +1,7 @@
 """Turns a results dict (see suite.run) into <slug>.json, <slug>.md and, with matplotlib, a
 roofline plot <slug>.png."""
 
+import itertools
 import json
 import math
 import os
@@ -31,7 +32,8 @@ def markdown(results):
         "",
         f"{results['date']} · torch {results['versions']['torch']} · CUDA {results['versions']['cuda'] or 'none'} · "
         f"triton {results['versions']['triton'] or 'none'} · tinykern {results['versions']['tinykern']} · "
-        f"shape set `{results['shape_set']}`{' (quick timing)' if results['quick'] else ''}",
+        f"shape set `{results['shape_set']}`{' (quick timing)' if results['quick'] else ''}"
+        + (f" · formats {', '.join(results['formats'])}" if results.get("formats") else ""),
         "",
     ]
     load = results.get("machine_load")
@@ -53,7 +55,7 @@ def markdown(results):
     if results.get("quantize_sd15"):
         q = results["quantize_sd15"]
         lines += [
-            "## Quantizing the SD1.5 UNet to Q4_K", "",
+            f"## Quantizing the SD1.5 UNet to {q['format'].upper()}", "",
             f"{q['weights_per_s'] / 1e6:.1f} M weights/s on `{q['case']}` -> {q['seconds_for_parameters']:.0f} s for "
             f"its {q['parameters']:,} parameters ({q['seconds_for_packed_weights']:.0f} s for the "
             f"{q['packed_weights']:,} weights quantize_ packs, rows padded to 256); target {q['target_s']} s: "
@@ -93,7 +95,7 @@ def markdown(results):
 
 def _op_table(op, rows, auto):
     baselines = cases.BASELINES[op]
-    quantize = op.endswith("_quantize")
+    quantize = cases.kind(op) == "quantize"
     head = ["case", "implementation", "time", "GB/s", "M weights/s" if quantize else "TFLOP/s", "% of ceiling"]
     head += [f"vs {b}" for b in baselines] + ["peak mem"]
     lines = [f"## {op}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -135,11 +137,12 @@ def plot_roofline(results, path):
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     ax.plot(xs, [min(peak, x * bw) / 1e12 for x in xs], color="black", linewidth=1.5,
             label=f"measured roof: {bw / 1e9:.3g} GB/s, {peak / 1e12:.3g} TFLOP/s ({ceil['dtype']})")
-    markers = dict(zip(cases.OPS, "osD^vP"))
+    ops = [op for op in cases.OPS if any(r["op"] == op for r in rows)]
+    markers = dict(zip(ops, itertools.cycle("osD^vP<>hX*pd")))
     impls = sorted({r["impl"] for r in rows})
     colors = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}
     for impl in impls:
-        for op in cases.OPS:
+        for op in ops:
             pts = [r for r in rows if r["impl"] == impl and r["op"] == op]
             if pts:
                 ax.scatter([r["flops"] / r["bytes"] for r in pts], [r["TFLOPs"] for r in pts], s=28,

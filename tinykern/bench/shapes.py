@@ -3,7 +3,8 @@
 Three sets: "full" (every distinct SD1.5 UNet Linear/Conv2d shape at 512x512 with classifier-free
 guidance, CLIP-L, RQ-VAE, LLM GEMV/GEMM shapes; the default on a GPU or with
 TINYKERN_BENCH_FULL=1), "small" (a few of each that a CPU runs in minutes; the CPU default) and
-"tiny" (seconds; smoke tests). Case ids are stable: pytest-benchmark's --benchmark-compare and
+"tiny" (seconds; smoke tests). Every format runs the same matmul, conv2d and quantize shapes, so
+rows compare across formats. Case ids are stable: pytest-benchmark's --benchmark-compare and
 the JSON results match rows across runs by them.
 """
 
@@ -114,27 +115,20 @@ def default_set(device_type):
     return "full" if device_type == "cuda" or os.environ.get("TINYKERN_BENCH_FULL") == "1" else "small"
 
 
-def q4k_matmul(which):
+def matmul(which):
+    """x @ W.T shapes, the same for every format: SD1.5 UNet and CLIP-L layers, LLM GEMV/GEMM."""
     if which == "tiny":
         return [MatmulCase("tiny", 4, 256, 512), MatmulCase("tiny.padded", 16, 128, 320)]
     if which == "small":
         sd, clip = _by_name(sd15_linears()), _by_name(CLIP_L)
-        return [sd["sd15.ff.geglu@64x64"], sd["sd15.attn1.to_q@16x16"], clip["clip-l.mlp.fc1"],
-                MatmulCase("llm", 1, 4096, 4096, bias=False), MatmulCase("llm", 512, 4096, 4096, bias=False)]
+        return [sd["sd15.ff.geglu@64x64"], sd["sd15.attn1.to_q@16x16"], clip["clip-l.attn.q_proj"],
+                clip["clip-l.mlp.fc1"], clip["clip-l.mlp.fc2"], MatmulCase("llm", 1, 4096, 4096, bias=False),
+                MatmulCase("llm", 512, 4096, 4096, bias=False)]
     return sd15_linears() + CLIP_L + llm()
 
 
-def q8_0_matmul(which):
-    if which == "tiny":
-        return [MatmulCase("tiny", 4, 256, 512)]
-    if which == "small":
-        clip = _by_name(CLIP_L)
-        return [clip["clip-l.attn.q_proj"], clip["clip-l.mlp.fc2"], MatmulCase("llm", 1, 4096, 4096, bias=False)]
-    # Q8_0 is tinykern's format for the text encoder; the LLM shapes show its GEMV.
-    return CLIP_L + llm()
-
-
-def q4k_conv2d(which):
+def conv2d(which):
+    """conv2d shapes, the same for every format: SD1.5 UNet convs (batch 2 for CFG), RQ-VAE's decoder."""
     if which == "tiny":
         return [ConvCase("tiny", 1, 32, 64, 8, 8, 3), ConvCase("tiny.1x1", 1, 320, 64, 8, 8, 1)]
     if which == "small":
@@ -155,7 +149,8 @@ def rvq(which):
 
 
 def quantize(which):
-    """Weights to time the quantizers on: SD1.5 UNet weights as quantize_ packs them."""
+    """Weights to time the quantizers on: SD1.5 UNet weights as quantize_ packs them. Every
+    width is a whole number of blocks of every format (multiples of 256)."""
     if which == "tiny":
         return [QuantizeCase("tiny", 64, 512)]
     if which == "small":

@@ -5,12 +5,21 @@ import torch
 
 from tinykern import backends
 from tinykern.bench import cases, ceilings, machine, report, sd15, timing
+from tinykern.formats import FORMATS
+from tinykern.quantize import QuantConfig
 
-QUANTIZE_TARGET_S = 45  # seconds to quantize the whole SD1.5 UNet to Q4_K (issue #18)
+QUANTIZE_TARGET_S = 45  # seconds to quantize the whole SD1.5 UNet to its default format (issue #18)
 
 
-def run(device, shape_set, quick=False, ops=cases.OPS, log=print):
-    """Measure everything; returns the results dict that report.write turns into files."""
+def unet_format():
+    """The format quantize_ gives the SD1.5 UNet's layers by default (the QuantConfig default)."""
+    return FORMATS[QuantConfig().weight]
+
+
+def run(device, shape_set, quick=False, ops=None, log=print):
+    """Measure `ops` (default: those of cases.DEFAULT_FORMATS); returns the results dict that
+    report.write turns into files."""
+    ops = cases.ops_for(cases.DEFAULT_FORMATS) if ops is None else tuple(ops)
     device = torch.device(device)
     timing.prepare(device)
     budget = timing.BUDGET_S / 4 if quick else timing.BUDGET_S
@@ -44,6 +53,8 @@ def run(device, shape_set, quick=False, ops=cases.OPS, log=print):
         "versions": machine.versions(),
         "date": machine.now(),
         "shape_set": shape_set,
+        "formats": sorted({cases.format_of(op).name for op in ops if cases.format_of(op) is not None},
+                          key=list(FORMATS).index),
         "quick": quick,
         "ceilings": ceil.as_dict(),
         "memory_method": timing.memory_method(device),
@@ -52,7 +63,7 @@ def run(device, shape_set, quick=False, ops=cases.OPS, log=print):
         "rows": rows,
         "skipped": skipped,
     }
-    if "q4k_quantize" in ops:
+    if unet_format().op("quantize") in ops:
         results["quantize_sd15"] = _quantize_sd15(rows)
     results["headline"] = _headline(results)
     results["machine_load"] = load.stop()
@@ -62,12 +73,16 @@ def run(device, shape_set, quick=False, ops=cases.OPS, log=print):
 def _measure(row, device, budget, min_reps, ceil, skipped):
     """The row's result dict, or None when it was skipped. The first call warms up, measures
     peak memory and is checked against the reference; a ValueError there (the op refusing the
-    shape) is a skip, a wrong result a failed row."""
+    shape) or a NotImplementedError (a backend registered without this format's kernel) is a
+    skip, a wrong result a failed row."""
     info = row.info()
     try:
         out, peak = timing.peak_memory(row.fn, device)
     except ValueError as e:
         skipped.append({"op": row.op, "case": row.case.id, "impl": row.impl, "reason": f"refused the shape: {e}"})
+        return None
+    except NotImplementedError as e:
+        skipped.append({"op": row.op, "case": row.case.id, "impl": row.impl, "reason": f"not implemented: {e}"})
         return None
     try:
         accuracy = row.check(out)
@@ -82,7 +97,7 @@ def _measure(row, device, budget, min_reps, ceil, skipped):
               "TFLOPs": row.flops / t.seconds / 1e12, "percent_of_ceiling": pct, "bound": bound,
               "peak_memory_bytes": peak if row.torch_memory else None, "output_bytes": output_bytes,
               "accuracy": accuracy}
-    if row.op.endswith("_quantize"):
+    if cases.kind(row.op) == "quantize":
         result["weights_per_s"] = row.case.rows * row.case.cols / t.seconds
     return result
 
@@ -101,7 +116,7 @@ def _add_speedups(rows):
 
 def _auto(op, device):
     """The backend `auto` picks for op on this device (None for the quantizers: not backend ops)."""
-    if op.endswith("_quantize"):
+    if cases.kind(op) == "quantize":
         return None
     with backends.backend("auto"):
         return backends.resolve(op, device)[0]
@@ -109,13 +124,14 @@ def _auto(op, device):
 
 def _quantize_sd15(rows):
     # The largest weight timed stands for the UNet: its rate is the one that matters.
-    timed = [r for r in rows if r["op"] == "q4k_quantize" and r["impl"] == "tinykern" and "error" not in r]
+    fmt = unet_format()
+    timed = [r for r in rows if r["op"] == fmt.op("quantize") and r["impl"] == "tinykern" and "error" not in r]
     if not timed:
         return None
     best = max(timed, key=lambda r: r["shape"]["rows"] * r["shape"]["cols"])
     unet = sd15.sizes()
     rate = best["weights_per_s"]
-    return {"case": best["case"], "weights_per_s": rate, "parameters": unet["parameters"],
+    return {"format": fmt.name, "case": best["case"], "weights_per_s": rate, "parameters": unet["parameters"],
             "seconds_for_parameters": unet["parameters"] / rate, "packed_weights": unet["packed_weights"],
             "seconds_for_packed_weights": unet["packed_weights"] / rate, "target_s": QUANTIZE_TARGET_S,
             "meets_target": unet["packed_weights"] / rate <= QUANTIZE_TARGET_S}
@@ -129,7 +145,7 @@ def _headline(results):
     bw = results["ceilings"]["bandwidth_GBps"]
     for op, auto in results["auto"].items():
         mine = [r for r in rows if r["op"] == op and r["impl"] == auto]
-        if not mine or op.endswith("_quantize"):
+        if not mine or cases.kind(op) == "quantize":
             continue
         parts = []
         for b in cases.BASELINES[op]:
@@ -140,7 +156,7 @@ def _headline(results):
             lines.append(f"{op}: auto's pick ({auto}) runs at " + ", ".join(parts) +
                          f" (geometric mean of time ratios over {len(mine)} cases; above 1 = faster)")
         wide = [r["speedup"]["dense"] for r in mine if r["shape"].get("M", 0) >= 512 and "dense" in r["speedup"]]
-        if wide and op.endswith("_matmul"):
+        if wide and cases.kind(op) == "matmul":
             lines.append(f"{op} wide (M >= 512, {len(wide)} cases): {auto} at {report.geomean(wide):.2f}x dense "
                          f"(geometric mean)")
         for r in mine:
@@ -157,7 +173,7 @@ def _headline(results):
                                  f"{report.format_bytes(others['vector_quantize_pytorch'])} (vector_quantize_pytorch)")
     q = results.get("quantize_sd15")
     if q:
-        lines.append(f"Q4_K quantization: {q['weights_per_s'] / 1e6:.1f} M weights/s -> about "
+        lines.append(f"{q['format'].upper()} quantization: {q['weights_per_s'] / 1e6:.1f} M weights/s -> about "
                      f"{q['seconds_for_packed_weights']:.0f} s for the SD1.5 UNet (target {q['target_s']} s)")
     return lines
 
