@@ -33,7 +33,7 @@ def test_info(tmp_path):
     assert "backends on cpu:" in out
     for name in backends.BACKENDS:
         assert re.search(rf"^  {name}\s+(usable for|unavailable: )", out, re.M), f"no line for backend {name}:\n{out}"
-    assert re.search(r"^  torch\s+usable for q4k_matmul", out, re.M)
+    assert re.search(r"^  torch\s+usable for matmul of every format; conv2d of every format", out, re.M)
     assert re.search(r"^  auto picks (cpu|torch) for q4k_matmul", out, re.M)
     if _ext.available():  # built and loadable here: `python -m tinykern info` must see it too
         assert "extension tinykern._C: built" in out, out

@@ -8,8 +8,9 @@ import torch
 
 import tinykern
 from tinykern import _ext, backends
+from tinykern.formats import FORMATS
 
-_OPS = ("q4k_matmul", "q4k_conv2d", "q8_0_matmul", "rvq_encode")
+_KINDS = ("matmul", "conv2d")
 
 
 def report():
@@ -33,14 +34,23 @@ def report():
     for device in devices:
         lines.append(f"backends on {device}:")
         for name in backends.BACKENDS:
-            reasons = {op: backends.unavailable_reason(name, device, op) for op in _OPS}
-            usable = [op for op, r in reasons.items() if r is None]
-            if usable:
-                lines.append(f"  {name:<7} usable for {', '.join(usable)}")
-            else:
-                lines.append(f"  {name:<7} unavailable: {next(iter(reasons.values()))}")
+            reason = backends.unavailable_reason(name, device)
+            if reason is not None:
+                lines.append(f"  {name:<7} unavailable: {reason}")
+                continue
+            usable = []
+            for kind in _KINDS:
+                formats = [f.name for f in FORMATS.values() if backends.unavailable_reason(name, device, f.op(kind)) is None]
+                usable.append(f"{kind} of {_listed(formats)}")
+            if backends.unavailable_reason(name, device, "rvq_encode") is None:
+                usable.append("rvq_encode")
+            lines.append(f"  {name:<7} usable for {'; '.join(usable)}")
         lines.append(f"  auto picks {backends.resolve('q4k_matmul', torch.device(device))[0]} for q4k_matmul")
     return "\n".join(lines)
+
+
+def _listed(formats):
+    return "every format" if len(formats) == len(FORMATS) else (", ".join(formats) or "no format")
 
 
 def _triton_version():
