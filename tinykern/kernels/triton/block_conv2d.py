@@ -27,7 +27,8 @@ from tinykern.kernels.triton.q4k_conv2d import _x_tile
 from tinykern.kernels.triton.q4k_matmul import dot_precision, kernel_input, wide_configs
 from tinykern.kernels.triton.tiles import grouped_tile
 
-# Weights per K step: one tl.dot of K 64 (the width _x_tile gathers).
+# Weights per K step: one tl.dot of K 64 (the width _x_tile gathers); a kernel argument, as
+# a plain global is invisible to the compiled (not interpreted) kernel.
 BLOCK_K = 64
 # Formats whose conv2d op stays a tuned kernel.
 TUNED = ("q4_k",)
@@ -41,7 +42,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, H, W, Ho, Wo,
                  SH, SW, PH, PW, DH, DW,
                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
-                 DECODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+                 DECODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_K: tl.constexpr,
                  NBS: tl.constexpr, SUB: tl.constexpr):
     pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -127,7 +128,8 @@ def _conv2d_op(fmt: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.
             x, w, bias if has_bias else x, out, M, N, C * KH * KW, H, W, Ho, Wo,
             *x.stride(), w.stride(0), *out.stride(), SH, SW, PH, PW, DH, DW,
             KH=KH, KW=KW, HAS_BIAS=has_bias, PRECISION=dot_precision(x.dtype),
-            DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes, NBS=BLOCK_K // sub, SUB=sub)
+            DECODE=dec.fn, BLOCK=dec.block, BLOCK_BYTES=dec.block_bytes, BLOCK_K=BLOCK_K,
+            NBS=BLOCK_K // sub, SUB=sub)
     return out.to(x_in.dtype)
 
 
