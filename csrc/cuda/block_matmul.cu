@@ -31,29 +31,21 @@ __global__ void block_dequantize_kernel(const uint8_t* __restrict__ blocks, T* _
   }
 }
 
-// Eight elements from src to dst, both aligned to eight elements (16 or 32 bytes).
-template <typename T>
-__device__ __forceinline__ void copy8(T* dst, const T* src) {
-#pragma unroll
-  for (int v = 0; v < static_cast<int>(sizeof(T)) / 2; ++v) {
-    reinterpret_cast<uint4*>(dst)[v] = reinterpret_cast<const uint4*>(src)[v];
-  }
-}
-
 // x[m, k] @ dequant(w).T for m <= MT, R weight rows per warp, 8 warps. x is staged through
-// shared memory in chunks of KC columns (whole blocks of any format), in its own dtype, zero
-// past M and K; lane l decodes groups l, l + 32, ... of a chunk, so a warp step covers 256
-// consecutive weights of each of its rows. One warp sum per output after the K loop.
-// vec: k % 8 == 0 (with x 16-byte aligned), so that x rows are read eight elements at a time.
+// shared memory in chunks of KC columns (whole blocks of any format), converted to fp32 once
+// there rather than per weight row in the loop, zero past M and K. Lane l decodes groups l,
+// l + 32, ... of a chunk, so a warp step covers 256 consecutive weights of each of its rows.
+// One warp sum per output after the K loop. vec: k % 8 == 0 (with x 16-byte aligned), so that
+// x rows are read eight elements at a time.
 template <class F, typename T, int MT, int R>
 __global__ void __launch_bounds__(256, 2) block_gemv_kernel(const T* __restrict__ x, int64_t m, int64_t k, bool vec,
                                                          const uint8_t* __restrict__ w, int64_t n, int64_t nb,
                                                          const float* __restrict__ bias, T* __restrict__ y) {
   constexpr int kWarps = 8;
   // 32 KB of x per chunk.
-  constexpr int KC = 32768 / (MT * static_cast<int>(sizeof(T)));
+  constexpr int KC = 32768 / (MT * static_cast<int>(sizeof(float)));
   static_assert(KC % 256 == 0, "a chunk must hold whole blocks and whole warp steps");
-  __shared__ __align__(16) T xs[MT * KC];
+  __shared__ __align__(16) float xs[MT * KC];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t col0 = ((int64_t)blockIdx.x * kWarps + warp) * R;
@@ -67,13 +59,15 @@ __global__ void __launch_bounds__(256, 2) block_gemv_kernel(const T* __restrict_
     for (int idx = threadIdx.x; idx < MT * KC / 8; idx += blockDim.x) {
       const int i = idx / (KC / 8), c = (idx % (KC / 8)) * 8;
       const int64_t gk = k0 + c;
-      T* dst = xs + i * KC + c;
+      float v[8];
       if (i < m && vec && gk + 8 <= k) {
-        copy8(dst, x + i * k + gk);
+        load4(x + i * k + gk, v);
+        load4(x + i * k + gk + 4, v + 4);
       } else {
 #pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = (i < m && gk + e < k) ? x[i * k + gk + e] : from_float<T>(0.f);
+        for (int e = 0; e < 8; ++e) v[e] = (i < m && gk + e < k) ? to_float(x[i * k + gk + e]) : 0.f;
       }
+      store8(xs + i * KC + c, v);
     }
     __syncthreads();
     const int kend = static_cast<int>(k - k0 < KC ? k - k0 : KC);

@@ -49,8 +49,28 @@ __device__ __forceinline__ float f16_at(const uint8_t* p) {
   return __half2float(__ushort_as_half(*reinterpret_cast<const unsigned short*>(p)));
 }
 
-// Byte e (0..7) of v.
-__device__ __forceinline__ uint32_t byte_of(uint2 v, int e) { return ((e < 4 ? v.x : v.y) >> (8 * (e & 3))) & 0xFFu; }
+// Byte e (0..7) of v, an unsigned code, minus `offset` as an exact float: one byte permute
+// builds the float with bits 0x4B0000bb, 2^23 + bb, and one subtraction removes 2^23 + offset.
+// Codes are unpacked a word (four weights) at a time into such bytes.
+__device__ __forceinline__ float code_to_float(uint2 v, int e, float offset) {
+  const float f = __int_as_float(__byte_perm(e < 4 ? v.x : v.y, 0x4B000000u, (e & 3) | 0x7540));
+  return __fsub_rn(f, 8388608.f + offset);
+}
+
+// Each byte of v shifted right by `shift` and masked: (v >> shift) & mask per byte, with the
+// mask repeated in every byte so that no bits cross from the next byte.
+__device__ __forceinline__ uint2 bytes_shr(uint2 v, int shift, uint32_t mask) {
+  return make_uint2((v.x >> shift) & mask, (v.y >> shift) & mask);
+}
+__device__ __forceinline__ uint2 bytes_or(uint2 a, uint2 b, int shift) {
+  return make_uint2(a.x | (b.x << shift), a.y | (b.y << shift));
+}
+
+// Bits 0..7 of h spread to bit 0 of bytes 0..7: 0x00204081 moves bit i of a nibble to bit 8i,
+// and its four shifted copies never overlap, so no carries.
+__device__ __forceinline__ uint2 bits_to_bytes(uint32_t h) {
+  return make_uint2(((h & 15u) * 0x00204081u) & 0x01010101u, (((h >> 4) & 15u) * 0x00204081u) & 0x01010101u);
+}
 
 // An integer |v| < 2^22 as an exact float, on the FP32 pipe instead of the slower I2F: the
 // float with bits 0x4B400000 + v is 1.5 * 2^23 + v.
@@ -64,10 +84,9 @@ struct Q4_0 {
   static constexpr int kType = 2, kBlock = 32, kBlockBytes = 18, kAlign = 2;
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk);
-    const uint2 q = load8<kAlign>(blk + 2 + 8 * (g & 1));
-    const int shift = 4 * (g >> 1);
+    const uint2 c = bytes_shr(load8<kAlign>(blk + 2 + 8 * (g & 1)), 4 * (g >> 1), 0x0F0F0F0Fu);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(d, int_to_float(static_cast<int>((byte_of(q, e) >> shift) & 15u) - 8));
+    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(d, code_to_float(c, e, 8.f));
   }
 };
 
@@ -76,12 +95,9 @@ struct Q4_1 {
   static constexpr int kType = 3, kBlock = 32, kBlockBytes = 20, kAlign = 4;
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk), m = f16_at(blk + 2);
-    const uint2 q = load8<kAlign>(blk + 4 + 8 * (g & 1));
-    const int shift = 4 * (g >> 1);
+    const uint2 c = bytes_shr(load8<kAlign>(blk + 4 + 8 * (g & 1)), 4 * (g >> 1), 0x0F0F0F0Fu);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      w[e] = __fadd_rn(__fmul_rn(d, int_to_float(static_cast<int>((byte_of(q, e) >> shift) & 15u))), m);
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fadd_rn(__fmul_rn(d, code_to_float(c, e, 0.f)), m);
   }
 };
 
@@ -91,14 +107,10 @@ struct Q5_0 {
   static constexpr int kType = 6, kBlock = 32, kBlockBytes = 22, kAlign = 2;
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk);
-    const uint32_t qh = load4<kAlign>(blk + 2) >> (8 * g);
-    const uint2 q = load8<kAlign>(blk + 6 + 8 * (g & 1));
-    const int shift = 4 * (g >> 1);
+    const uint2 high = bits_to_bytes(load4<kAlign>(blk + 2) >> (8 * g));
+    const uint2 c = bytes_or(bytes_shr(load8<kAlign>(blk + 6 + 8 * (g & 1)), 4 * (g >> 1), 0x0F0F0F0Fu), high, 4);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const uint32_t code = ((byte_of(q, e) >> shift) & 15u) | (((qh >> e) & 1u) << 4);
-      w[e] = __fmul_rn(d, int_to_float(static_cast<int>(code) - 16));
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(d, code_to_float(c, e, 16.f));
   }
 };
 
@@ -107,14 +119,10 @@ struct Q5_1 {
   static constexpr int kType = 7, kBlock = 32, kBlockBytes = 24, kAlign = 8;
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk), m = f16_at(blk + 2);
-    const uint32_t qh = load4<kAlign>(blk + 4) >> (8 * g);
-    const uint2 q = load8<kAlign>(blk + 8 + 8 * (g & 1));
-    const int shift = 4 * (g >> 1);
+    const uint2 high = bits_to_bytes(load4<kAlign>(blk + 4) >> (8 * g));
+    const uint2 c = bytes_or(bytes_shr(load8<kAlign>(blk + 8 + 8 * (g & 1)), 4 * (g >> 1), 0x0F0F0F0Fu), high, 4);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const uint32_t code = ((byte_of(q, e) >> shift) & 15u) | (((qh >> e) & 1u) << 4);
-      w[e] = __fadd_rn(__fmul_rn(d, int_to_float(static_cast<int>(code))), m);
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fadd_rn(__fmul_rn(d, code_to_float(c, e, 0.f)), m);
   }
 };
 
@@ -123,9 +131,11 @@ struct Q8_0 {
   static constexpr int kType = 8, kBlock = 32, kBlockBytes = 34, kAlign = 2;
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk);
+    // Flipping each sign bit gives the code q + 128 as an unsigned byte.
     const uint2 q = load8<kAlign>(blk + 2 + 8 * g);
+    const uint2 c = make_uint2(q.x ^ 0x80808080u, q.y ^ 0x80808080u);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(int_to_float(static_cast<int8_t>(byte_of(q, e))), d);
+    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(code_to_float(c, e, 128.f), d);
   }
 };
 
@@ -142,12 +152,9 @@ struct Q2_K {
     const uint32_t sm = blk[g >> 1];
     const float dl = __fmul_rn(d, int_to_float(static_cast<int>(sm & 15u)));
     const float ml = __fmul_rn(dmin, int_to_float(static_cast<int>(sm >> 4)));
-    const uint2 q = load8<kAlign>(blk + 16 + 32 * (g >> 4) + 8 * (g & 3));
-    const int shift = 2 * ((g & 15) >> 2);
+    const uint2 c = bytes_shr(load8<kAlign>(blk + 16 + 32 * (g >> 4) + 8 * (g & 3)), 2 * ((g & 15) >> 2), 0x03030303u);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      w[e] = __fsub_rn(__fmul_rn(dl, int_to_float(static_cast<int>((byte_of(q, e) >> shift) & 3u))), ml);
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fsub_rn(__fmul_rn(dl, code_to_float(c, e, 0.f)), ml);
   }
 };
 
@@ -163,15 +170,13 @@ struct Q3_K {
     const uint32_t lo = j < 8 ? (blk[96 + j] & 15u) : (blk[96 + j - 8] >> 4);
     const uint32_t hi = (blk[104 + (j & 3)] >> (2 * (j >> 2))) & 3u;
     const float dl = __fmul_rn(d, int_to_float(static_cast<int>(lo | (hi << 4)) - 32));
-    const uint2 q = load8<kAlign>(blk + 32 + 32 * (g >> 4) + 8 * (g & 3));
-    const uint2 hm = load8<kAlign>(blk + 8 * (g & 3));
-    const int shift = 2 * ((g & 15) >> 2), hbit = g >> 2;
+    // low - (high ? 0 : 4) = (low | high << 2) - 4.
+    const uint2 low =
+        bytes_shr(load8<kAlign>(blk + 32 + 32 * (g >> 4) + 8 * (g & 3)), 2 * ((g & 15) >> 2), 0x03030303u);
+    const uint2 high = bytes_shr(load8<kAlign>(blk + 8 * (g & 3)), g >> 2, 0x01010101u);
+    const uint2 c = bytes_or(low, high, 2);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int low = static_cast<int>((byte_of(q, e) >> shift) & 3u);
-      const int high = static_cast<int>((byte_of(hm, e) >> hbit) & 1u);
-      w[e] = __fmul_rn(dl, int_to_float(low - (high ? 0 : 4)));
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(dl, code_to_float(c, e, 4.f));
   }
 };
 
@@ -196,12 +201,9 @@ struct Q4_K {
     int sc, mn;
     k_scale_min(blk + 4, g >> 2, &sc, &mn);
     const float dl = __fmul_rn(d, int_to_float(sc)), ml = __fmul_rn(dmin, int_to_float(mn));
-    const uint2 q = load8<8>(blk + 16 + 32 * (g >> 3) + 8 * (g & 3));
-    const int shift = 4 * ((g >> 2) & 1);
+    const uint2 c = bytes_shr(load8<8>(blk + 16 + 32 * (g >> 3) + 8 * (g & 3)), 4 * ((g >> 2) & 1), 0x0F0F0F0Fu);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      w[e] = __fsub_rn(__fmul_rn(dl, int_to_float(static_cast<int>((byte_of(q, e) >> shift) & 15u))), ml);
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fsub_rn(__fmul_rn(dl, code_to_float(c, e, 0.f)), ml);
   }
 };
 
@@ -214,14 +216,11 @@ struct Q5_K {
     int sc, mn;
     k_scale_min(blk + 4, g >> 2, &sc, &mn);
     const float dl = __fmul_rn(d, int_to_float(sc)), ml = __fmul_rn(dmin, int_to_float(mn));
-    const uint2 q = load8<8>(blk + 48 + 32 * (g >> 3) + 8 * (g & 3));
-    const uint2 qh = load8<8>(blk + 16 + 8 * (g & 3));
-    const int shift = 4 * ((g >> 2) & 1), hbit = g >> 2;
+    const uint2 low = bytes_shr(load8<8>(blk + 48 + 32 * (g >> 3) + 8 * (g & 3)), 4 * ((g >> 2) & 1), 0x0F0F0F0Fu);
+    const uint2 high = bytes_shr(load8<8>(blk + 16 + 8 * (g & 3)), g >> 2, 0x01010101u);
+    const uint2 c = bytes_or(low, high, 4);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const uint32_t code = ((byte_of(q, e) >> shift) & 15u) | (((byte_of(qh, e) >> hbit) & 1u) << 4);
-      w[e] = __fsub_rn(__fmul_rn(dl, int_to_float(static_cast<int>(code))), ml);
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fsub_rn(__fmul_rn(dl, code_to_float(c, e, 0.f)), ml);
   }
 };
 
@@ -232,14 +231,12 @@ struct Q6_K {
   __device__ __forceinline__ static void decode8(const uint8_t* blk, int g, float w[8]) {
     const float d = f16_at(blk + 208);
     const float dl = __fmul_rn(d, int_to_float(static_cast<int8_t>(blk[192 + (g >> 1)])));
-    const uint2 ql = load8<kAlign>(blk + 64 * (g >> 4) + 8 * (g & 7));
-    const uint2 qh = load8<kAlign>(blk + 128 + 32 * (g >> 4) + 8 * (g & 3));
-    const int lshift = 4 * ((g >> 3) & 1), hshift = 2 * ((g & 15) >> 2);
+    const uint2 low = bytes_shr(load8<kAlign>(blk + 64 * (g >> 4) + 8 * (g & 7)), 4 * ((g >> 3) & 1), 0x0F0F0F0Fu);
+    const uint2 high =
+        bytes_shr(load8<kAlign>(blk + 128 + 32 * (g >> 4) + 8 * (g & 3)), 2 * ((g & 15) >> 2), 0x03030303u);
+    const uint2 c = bytes_or(low, high, 4);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const uint32_t code = ((byte_of(ql, e) >> lshift) & 15u) | (((byte_of(qh, e) >> hshift) & 3u) << 4);
-      w[e] = __fmul_rn(dl, int_to_float(static_cast<int>(code) - 32));
-    }
+    for (int e = 0; e < 8; ++e) w[e] = __fmul_rn(dl, code_to_float(c, e, 32.f));
   }
 };
 
