@@ -126,15 +126,17 @@ __device__ __forceinline__ void store8_compute(Tc* p, float v[8]) {
   store8(p, v);
 }
 
-constexpr int kTileM = 64, kTileN = 64, kTileK = 64, kTileThreads = 128;
+// 128 rows of x per CTA: each weight tile a CTA decodes feeds twice as many MMAs as at 64.
+constexpr int kTileM = 128, kTileN = 64, kTileThreads = 256;
 
-// y[m, n] = x @ dequant(w).T (+ bias) for a [64, 64] output tile per CTA of 4 warps, each warp
-// a [32, 32] quarter as 2 x 2 WMMA fragments with fp32 accumulators. Per 64-wide K step the
-// CTA converts its x tile and decodes its weight tile (row n, columns k) to Tc in shared
-// memory, zero past M, N and K. The accumulators leave through shared memory, so that the bias
-// is added in fp32 and the output written in T with bounds checks.
+// y[m, n] = x @ dequant(w).T (+ bias) for a [128, 64] output tile per CTA of 8 warps, each
+// warp a [32, 32] part as 2 x 2 WMMA fragments with fp32 accumulators. Per K step (64 wide, 32
+// for TF32 to stay within 48 KB of static shared memory) the CTA converts its x tile and
+// decodes its weight tile (row n, columns k) to Tc in shared memory, zero past M, N and K. The
+// accumulators leave through shared memory, so that the bias is added in fp32 and the output
+// written in T with bounds checks.
 template <class F, typename T>
-__global__ void __launch_bounds__(kTileThreads, 3) block_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k,
+__global__ void __launch_bounds__(kTileThreads, 2) block_mma_kernel(const T* __restrict__ x, int64_t m, int64_t k,
                                                                  bool vec, const uint8_t* __restrict__ w, int64_t n,
                                                                  int64_t nb, const float* __restrict__ bias,
                                                                  T* __restrict__ y) {
@@ -144,7 +146,9 @@ __global__ void __launch_bounds__(kTileThreads, 3) block_mma_kernel(const T* __r
   constexpr bool kTf32 = std::is_same_v<Tc, float>;
   using Prec = std::conditional_t<kTf32, wmma::precision::tf32, Tc>;
   constexpr int FK = kTf32 ? 8 : 16;
-  // Padded rows against bank conflicts; 144 or 272 bytes keep every fragment 32-byte aligned.
+  constexpr int kTileK = kTf32 ? 32 : 64;
+  // Rows padded against bank conflicts; 144 bytes (either type) keep every fragment 32-byte
+  // aligned and every group of eight 16-byte aligned.
   constexpr int LD = kTileK + (kTf32 ? 4 : 8);
   constexpr int LDC = kTileN + 4;
   constexpr int kTileBytes = (kTileM + kTileN) * LD * static_cast<int>(sizeof(Tc));
