@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(256, 2) block_gemv_kernel(const T* __restrict_
 }
 
 // The tensor-core input type for activations T: fp16 for fp16 x, bf16 for bf16 x, TF32 (held
-// as float) for fp32 x, whose range fp16 would not cover; both 16-bit types and TF32 keep
-// 10 or 7 mantissa bits, so fp32 x is not computed exactly.
+// as float) for fp32 x, whose range fp16 would not cover. fp16 and TF32 keep 10 mantissa bits,
+// bf16 7, so fp32 x is not computed exactly.
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat16,
                                      std::conditional_t<std::is_same_v<T, __half>, __half, float>>;
