@@ -211,8 +211,8 @@ def test_convs_q4conv2d_cannot_run_stay_dense(gen):
 
 
 def test_unknown_format_is_rejected():
-    with pytest.raises(ValueError, match="q3_k"):
-        QuantConfig(weight="q3_k")
+    with pytest.raises(ValueError, match="unknown format 'q7_k'"):
+        QuantConfig(weight="q7_k")
     with pytest.raises(ValueError, match="int4"):
         QuantConfig(overrides={"*": "int4"})
 

@@ -11,10 +11,11 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+from gguf import GGMLQuantizationType  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from tinykern import backends  # noqa: E402
-from tinykern.formats import q4k, q8_0  # noqa: E402
+from tinykern.formats import FORMATS, q4k, q8_0  # noqa: E402
 from tinykern.io.gguf import GGUFTensor, dense_tensor, write_gguf  # noqa: E402
 from tinykern.nn import Q4Conv2d, Q4Linear, Q8Linear, QuantLinear  # noqa: E402
 from tinykern.pipelines.sd import SDQuantConfig, clip_tokenizer, load_pipeline, save_pipeline  # noqa: E402
@@ -211,6 +212,47 @@ def test_gguf_whole_model_sdcpp_style(tiny):
     pipe = load_pipeline(path, config=tiny["root"] / "config", device="cpu", quantize=False)
     assert type(pipe.unet.down_blocks[0].resnets[0].time_emb_proj) is torch.nn.Linear
     assert sqnr_db(latents(pipe), tiny["reference"]) >= MIN_SQNR_DB
+
+
+# Latents SQNR floors after 2 CFG steps, the whole tiny UNet in one format (LDM layout, ComfyUI
+# reshape): bits per weight set the error; Q2_K's 2.6 bits land lowest.
+FORMAT_SQNR_FLOOR_DB = {"q2_k": 3.0, "q3_k": 8.0}
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_gguf_unet_every_format_as_comfyui_writes_it(tiny, name, caplog, tmp_path):
+    """Every 2-D and 4-D UNet weight quantized by libggml in `name`, tensors whose rows are not
+    whole 256-blocks reshaped with comfy.gguf.orig_shape, the rest F32: layers whose rows are whole
+    blocks of the format are adopted byte for byte, the others re-quantized in it and listed."""
+    from test_gguf_comfy import comfy_tensor, write_file
+
+    fmt = FORMATS[name]
+    unet = tiny["parts"][0]
+    entries, metadata, packed = [], [], {}
+    for key, value in unet.state_dict().items():
+        ldm_name = ldm.diffusers_to_ldm(key, unet.config)
+        reshaped = value.numel() % 256 == 0 and value.shape[-1] % 256  # ComfyUI-GGUF's rule
+        if value.dim() in (2, 4) and (reshaped or value.shape[-1] % fmt.block == 0):
+            entry, meta = comfy_tensor(ldm_name, value.float(), fmt)
+            packed[key.removesuffix(".weight")] = torch.from_numpy(entry[1])
+        else:
+            entry, meta = comfy_tensor(ldm_name, value.float(), GGMLQuantizationType.F32)
+        entries.append(entry)
+        metadata += meta
+    path = tmp_path / f"unet-{name}.gguf"
+    write_file(path, entries, metadata=metadata)
+    with caplog.at_level(logging.INFO, logger="tinykern.sd"):
+        pipe = load_pipeline(tiny["root"] / "diffusers", unet=path, device="cpu", quantize=TINY_QUANT)
+    adopted = 0
+    for layer, raw in packed.items():
+        module = pipe.unet.get_submodule(layer)
+        assert module.format is fmt, layer
+        if module.dequantize()[0].numel() % fmt.block == 0:  # rows of whole blocks
+            assert torch.equal(module.qweight, raw.reshape(module.qweight.shape)), layer  # byte for byte
+            adopted += 1
+    assert adopted > 0
+    assert f"adopted {adopted} packed UNet weights" in caplog.text
+    assert sqnr_db(latents(pipe), tiny["reference"]) >= FORMAT_SQNR_FLOOR_DB.get(name, MIN_SQNR_DB)
 
 
 def test_clear_errors(tmp_path, tiny):
