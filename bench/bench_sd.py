@@ -109,6 +109,7 @@ def layouts_cpu(size=256, seed=0):
     """UNet bytes and output SQNR (dB, vs the fp16 UNet) of every uniform format and of LAYOUTS,
     on the full-size UNet with diffusers' random initialization, fixed inputs. Each format
     quantizes every layer once; a layout swaps the quantized layers it names into the UNet."""
+    from tinykern import backends
     from tinykern.bench import machine
     from tinykern.quantize import QuantConfig, _replace
 
@@ -122,7 +123,8 @@ def layouts_cpu(size=256, seed=0):
     context = torch.randn(1, 77, 768, generator=gen)
 
     def forward():
-        with torch.no_grad(), torch.inference_mode():
+        # fp32-exact CPU matmuls: the SQNR is the formats', not the bf16 path's.
+        with torch.inference_mode(), backends.backend("auto", exact=True):
             return unet(sample, 500, encoder_hidden_states=context).sample
 
     reference = forward()
