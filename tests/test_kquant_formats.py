@@ -75,7 +75,9 @@ def _distributions(gen, rows):
     laplace = -torch.sign(u) * torch.log1p(-2 * u.abs())  # inverse CDF
     return {"normal": normal, "outliers": outliers, "sparse": sparse, "laplace": laplace,
             "tiny": 1e-6 * torch.randn(shape, generator=gen), "shifted": torch.randn(shape, generator=gen) + 3,
-            "wide": torch.randn(shape, generator=gen) * torch.logspace(-3, 3, 512)}
+            "wide": torch.randn(shape, generator=gen) * torch.logspace(-3, 3, 512),
+            # Spans of denormals overflow the searches' iscale to Inf, where nearest_int wraps.
+            "denormal": 1e-39 * torch.randn(shape, generator=gen)}
 
 
 @PATHS

@@ -87,8 +87,8 @@ def _quantize_blocks(x):
     inv_scale = kquants.rdiv(15, torch.where(has_scale, max_scale, torch.ones_like(max_scale)))
     inv_min = kquants.rdiv(15, torch.where(has_min, max_min, torch.ones_like(max_min)))
     # The reference ORs the rounded ints into a byte: both nibbles modulo 16.
-    sc = torch.where(has_scale[:, None], torch.round(inv_scale[:, None] * scale), 0).to(torch.int32)
-    m = torch.where(has_min[:, None], torch.round(inv_min[:, None] * neg_min), 0).to(torch.int32)
+    sc = torch.where(has_scale[:, None], kquants.nearest_int(inv_scale[:, None] * scale), 0)
+    m = torch.where(has_min[:, None], kquants.nearest_int(inv_min[:, None] * neg_min), 0)
     packed = (sc | (m << 4)) & 255
     sc, m = packed & 15, packed >> 4
     # The fit may ask for a little more than fp16 holds near the range's ends: saturate (the
@@ -99,7 +99,7 @@ def _quantize_blocks(x):
     # Codes against the stored parameters; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc.float()
     offset = dmin[:, None] * m.float()
-    requant = torch.round((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
+    requant = kquants.nearest_int((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     codes = pack_codes(codes.reshape(B, BLOCK))
     return torch.cat((packed.to(torch.uint8), codes, fp16_bytes(d), fp16_bytes(dmin)), dim=1)

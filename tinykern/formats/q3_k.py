@@ -105,7 +105,8 @@ def _quantize_blocks(x):
     peak = kquants.first_absmax(scales.t())
     empty = peak == 0
     iscale = kquants.rdiv(-32, torch.where(empty, torch.ones_like(peak), peak))
-    sc = torch.round(iscale[:, None] * scales).clamp_(-32, 31) + 32
+    # Truncated to int8 before the clamp, as the reference does.
+    sc = kquants.nearest_int(iscale[:, None] * scales).to(torch.int8).to(torch.int32).clamp_(-32, 31) + 32
     sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)
     # The fit can ask for a little more than fp16 holds at the range's end: saturate (the
     # codes below are recomputed against the stored values).
@@ -114,7 +115,7 @@ def _quantize_blocks(x):
 
     # Codes against the stored scales; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * (sc - 32)
-    requant = torch.round(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-4, 3) + 4
+    requant = kquants.nearest_int(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-4, 3) + 4
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     sc = sc.to(torch.uint8)
     return torch.cat((pack_codes(codes.reshape(B, BLOCK)), pack_scales(sc), fp16_bytes(d)), dim=1)

@@ -96,7 +96,7 @@ def _quantize_blocks(x):
     # Codes against the stored parameters; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc.float()
     offset = dmin[:, None] * m.float()
-    requant = torch.round((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
+    requant = kquants.nearest_int((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     return torch.cat((fp16_bytes(d), fp16_bytes(dmin), pack_scales(sc, m), pack_codes(codes.reshape(B, BLOCK))), dim=1)
 
@@ -109,8 +109,8 @@ def six_bit_scales(scale, neg_min):
     inv_scale = torch.where(max_scale > 0, kquants.rdiv(63, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, kquants.rdiv(63, max_min), torch.zeros_like(max_min))
     # The reference stores the rounded int in a uint8 and then caps it at 63.
-    sc = kquants.c_uint8(torch.round(inv_scale[:, None] * scale)).clamp_(max=63).to(torch.uint8)
-    m = kquants.c_uint8(torch.round(inv_min[:, None] * neg_min)).clamp_(max=63).to(torch.uint8)
+    sc = kquants.c_uint8(kquants.nearest_int(inv_scale[:, None] * scale)).clamp_(max=63).to(torch.uint8)
+    m = kquants.c_uint8(kquants.nearest_int(inv_min[:, None] * neg_min)).clamp_(max=63).to(torch.uint8)
     # The fit may ask for a little more than fp16 holds near the range's ends: saturate (the
     # codes are recomputed against the stored values).
     d = round_to_fp16((max_scale / 63).clamp(max=FP16_MAX))

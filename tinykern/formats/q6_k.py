@@ -89,11 +89,11 @@ def _quantize_blocks(x):
     # The fit can ask for a little more than fp16 holds at the range's end: saturate (the
     # codes below are recomputed against the stored values).
     d = round_to_fp16((1 / iscale).clamp(-FP16_MAX, FP16_MAX))
-    sc = torch.round(iscale[:, None] * scales).clamp_(max=127)
+    sc = kquants.nearest_int(iscale[:, None] * scales).clamp_(max=127)
 
     # Codes against the stored scales; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc
-    requant = torch.round(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-32, 31) + 32
+    requant = kquants.nearest_int(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-32, 31) + 32
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
 
     # A block whose sub-blocks all quantize to 0 is stored as zero bytes.
