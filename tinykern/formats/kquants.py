@@ -5,7 +5,8 @@ all S sub-blocks, so the reference's per-element loops become one contiguous ten
 element. Sums run element by element in float32 (seq_sum), the order of the C loops, and the
 products keep the C operand order: the comparisons that pick a candidate then see the same
 floats as the reference, which keeps the output byte-identical to it.
-Rounding is nearest_int, ggml's own, bit for bit.
+Rounding is nearest_int, ggml's own, bit for bit. csrc/cpu/quantize.cpp runs the same searches
+compiled (one sub-block per SIMD lane), with the same bytes, for tensors on the CPU.
 """
 
 import torch
