@@ -1,10 +1,12 @@
-"""Q2_K, Q3_K, Q5_K and Q6_K specifics: bit packing round trips, the torch quantizers' bytes
-against libggml's reference quantizers on fresh data and on extreme blocks, and refusals.
+"""Q2_K, Q3_K, Q5_K and Q6_K specifics: bit packing round trips, the quantizers' bytes (the
+compiled one of tinykern._C and the torch port, each) against libggml's reference quantizers on
+fresh data and on extreme blocks, the two against each other, and refusals.
 
 The format-generic checks (dequantize against gguf-py, error against libggml on seven
 distributions) live in test_format_records.py.
 """
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -14,10 +16,19 @@ import pytest
 import torch
 from conftest import DEVICES
 
+from tinykern import _ext, backends
 from tinykern.formats import q2_k, q3_k, q5_k, q6_k
 
 MODULES = {"q2_k": q2_k, "q3_k": q3_k, "q5_k": q5_k, "q6_k": q6_k}
 FORMATS = list(MODULES)
+# The quantizer paths on the CPU: "auto" runs the compiled port where tinykern._C is built,
+# "torch" forces the torch port (what tensors off the CPU get).
+NATIVE = pytest.mark.skipif(not _ext.available(), reason=f"tinykern._C is not built ({_ext.ERROR})")
+PATHS = pytest.mark.parametrize("path", [pytest.param("auto", marks=NATIVE), "torch"])
+
+
+def on_path(path):
+    return contextlib.nullcontext() if path == "auto" else backends.backend(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,15 +75,57 @@ def _distributions(gen, rows):
     laplace = -torch.sign(u) * torch.log1p(-2 * u.abs())  # inverse CDF
     return {"normal": normal, "outliers": outliers, "sparse": sparse, "laplace": laplace,
             "tiny": 1e-6 * torch.randn(shape, generator=gen), "shifted": torch.randn(shape, generator=gen) + 3,
-            "wide": torch.randn(shape, generator=gen) * torch.logspace(-3, 3, 512)}
+            "wide": torch.randn(shape, generator=gen) * torch.logspace(-3, 3, 512),
+            # Spans of denormals overflow the searches' iscale to Inf, where nearest_int wraps.
+            "denormal": 1e-39 * torch.randn(shape, generator=gen)}
 
 
+@PATHS
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("seed", [11, 12])
-def test_quantize_is_byte_identical_to_libggml(fmt, seed):
+def test_quantize_is_byte_identical_to_libggml(fmt, seed, path):
     gen = torch.Generator().manual_seed(seed)
-    for x in _distributions(gen, 24).values():
-        assert_same_bytes(fmt, x)
+    with on_path(path):
+        for x in _distributions(gen, 24).values():
+            assert_same_bytes(fmt, x)
+
+
+@NATIVE
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compiled_and_torch_quantizers_agree(fmt):
+    """The two paths give the same bytes on every distribution, the extreme blocks and the
+    range's ends (where the reference would store an Inf scale and both saturate)."""
+    mod = MODULES[fmt]
+    gen = torch.Generator().manual_seed(21)
+    low, high = _ends(mod)
+    ends = torch.randn(4, 256, generator=gen)
+    ends[0, 5], ends[1, 6], ends[2], ends[3] = high, low, high, low
+    for x in [*_distributions(gen, 16).values(), _extreme_blocks(), ends]:
+        native = mod.quantize(x)
+        with backends.backend("torch"):
+            ported = mod.quantize(x)
+        differing = (native != ported).any(dim=-1)
+        assert not bool(differing.any()), f"{fmt}: {int(differing.sum())} of {x.shape[0]} rows differ"
+
+
+@NATIVE
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_compiled_quantizer_threads_and_shapes(fmt):
+    """Blocks split across threads give the bytes of one thread, for a block count that no
+    group of SIMD lanes or chunk divides."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(3, 5, 37 * 256, generator=gen) * torch.logspace(-2, 2, 37 * 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.tinykern.block_quantize(x, MODULES[fmt].GGML_TYPE)
+        torch.set_num_threads(2)
+        two = torch.ops.tinykern.block_quantize(x, MODULES[fmt].GGML_TYPE)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (3, 5, 37 * MODULES[fmt].BLOCK_BYTES)
+    assert torch.equal(one, two)
+    assert_same_bytes(fmt, x.reshape(15, -1))
 
 
 def _extreme_blocks():
@@ -93,9 +146,22 @@ def _extreme_blocks():
     ])
 
 
+@NATIVE
+@pytest.mark.parametrize("simd", ["avx2", "scalar"])
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_extreme_blocks_match_libggml(fmt):
-    assert_same_bytes(fmt, _extreme_blocks())
+def test_compiled_quantizer_on_each_simd_path(fmt, simd, monkeypatch):
+    """The 8-lane (AVX2) and 4-lane (baseline) searches give libggml's bytes."""
+    monkeypatch.setenv("TINYKERN_CPU_SIMD", simd)  # read at each call; a cap above the CPU's is moot
+    gen = torch.Generator().manual_seed(23)
+    for x in [*_distributions(gen, 8).values(), _extreme_blocks()]:
+        assert_same_bytes(fmt, x)
+
+
+@PATHS
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_extreme_blocks_match_libggml(fmt, path):
+    with on_path(path):
+        assert_same_bytes(fmt, _extreme_blocks())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -70,13 +70,9 @@ at::Tensor matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 
 at::Tensor quantize(const at::Tensor& x, int64_t ggml_type) {
   constexpr const char* op = "block_quantize";
-  at::Tensor out = quantize_native(op, x, ggml_type);
-  if (out.defined()) return out;
-  for (const TypeName& t : kTypes) {
-    TORCH_CHECK(t.id != ggml_type, op, ": no native quantizer for GGML type ", ggml_type, " (", t.name,
-                ") on CPU; it has one for 2 (q4_0), 3 (q4_1), 6 (q5_0), 7 (q5_1), 8 (q8_0), 12 (q4_k)");
-  }
-  unknown_type(op, ggml_type);
+  at::Tensor out = quantize_native(op, x, ggml_type);  // every type of kTypes has one
+  if (!out.defined()) unknown_type(op, ggml_type);
+  return out;
 }
 
 }  // namespace

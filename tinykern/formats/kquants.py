@@ -5,7 +5,8 @@ all S sub-blocks, so the reference's per-element loops become one contiguous ten
 element. Sums run element by element in float32 (seq_sum), the order of the C loops, and the
 products keep the C operand order: the comparisons that pick a candidate then see the same
 floats as the reference, which keeps the output byte-identical to it.
-Rounding is torch.round (half to even), as ggml's nearest_int rounds.
+Rounding is nearest_int, ggml's own, bit for bit. csrc/cpu/quantize.cpp runs the same searches
+compiled (one sub-block per SIMD lane), with the same bytes, for tensors on the CPU.
 """
 
 import torch
@@ -20,6 +21,14 @@ def seq_sum(t):
     for i in range(1, t.shape[0]):
         total += t[i]
     return total
+
+
+def nearest_int(t):
+    """GGML's nearest_int of float32 t, as int32: half to even through the 1.5*2^23 trick, bit for
+    bit, including what it gives for |t| past 2^22, Inf and NaN (which the searches meet where a
+    span of denormals overflows an iscale; the callers clamp)."""
+    bits = (t + 12582912.0).view(torch.int32)
+    return (bits & 0x007FFFFF) - 0x00400000
 
 
 def f32(value):
@@ -74,7 +83,7 @@ def make_qx_quants(x, nmax):
     wx = w * x
 
     def fit(iscale):
-        l = torch.round(iscale * x).clamp_(float(-nmax), float(nmax - 1))
+        l = nearest_int(iscale * x).clamp_(-nmax, nmax - 1).float()
         return l, seq_sum(wx * l), seq_sum(w * l * l)
 
     l, sumlx, suml2 = fit(rdiv(-nmax, peak))
@@ -107,7 +116,7 @@ def make_q3_quants(x, nmax):
     peak = torch.where(zero, torch.ones_like(peak), peak)
     w = x * x
     wx = w * x
-    codes = torch.round(rdiv(-nmax, peak) * x).clamp_(float(-nmax), float(nmax - 1))
+    codes = nearest_int(rdiv(-nmax, peak) * x).clamp_(-nmax, nmax - 1).float()
     sumlx = seq_sum(wx * codes)
     suml2 = seq_sum(w * codes * codes)
     for _ in range(5):
@@ -117,8 +126,8 @@ def make_q3_quants(x, nmax):
             slx = sumlx - wxi * li
             sl2 = suml2 - wi * li * li
             positive = slx > 0
-            new_l = torch.round(x[i] * sl2 / torch.where(positive, slx, torch.ones_like(slx)))
-            new_l.clamp_(float(-nmax), float(nmax - 1))
+            new_l = nearest_int(x[i] * sl2 / torch.where(positive, slx, torch.ones_like(slx)))
+            new_l = new_l.clamp_(-nmax, nmax - 1).float()
             slx = slx + wxi * new_l
             sl2 = sl2 + wi * new_l * new_l
             take = positive & (new_l != li) & (sl2 > 0) & (slx * slx * suml2 > sumlx * sumlx * sl2)
@@ -155,7 +164,7 @@ def make_qkx2_quants(x, weights, nmax, rmin, rdelta, nstep, use_mad):
         return seq_sum(weights * (diff.abs() if use_mad else diff * diff))
 
     def codes(iscale, low):
-        return torch.round(iscale * (x - low)).clamp_(0.0, float(nmax))
+        return nearest_int(iscale * (x - low)).clamp_(0, nmax).float()
 
     span = torch.where(flat, torch.ones_like(high), high - low)
     iscale = rdiv(nmax, span)

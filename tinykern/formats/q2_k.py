@@ -8,9 +8,11 @@ d * scale * code - dmin * min, code 0..3.
 import torch
 
 from tinykern.formats import kquants
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, round_to_fp16
+from tinykern.formats.common import (FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize,
+                                     round_to_fp16)
 from tinykern.formats.record import Format
 
+GGML_TYPE = 10
 BLOCK = 256
 BLOCK_BYTES = 84
 SUB = 16
@@ -25,14 +27,18 @@ _CHUNK = 2048
 def quantize(w, name="weight"):
     """Quantize w [..., K] (K a multiple of 256) to Q2_K blocks, uint8 [..., K/256*84].
 
-    A torch port of GGML's quantize_row_q2_K_ref (make_qkx2_quants with weights |x| and
-    absolute error over 16 grids per sub-block, 4-bit scales and mins, codes recomputed against
-    the stored scales), vectorized over blocks on w's device, byte-identical to it. Raises ValueError naming `name`
-    if w holds NaN, Inf or values outside [LOWEST, HIGHEST].
+    A torch port of GGML's quantize_row_q2_K_ref (make_qkx2_quants with weights |x| and absolute
+    error over 16 grids per sub-block, 4-bit scales and mins, codes recomputed against the stored
+    scales), vectorized over blocks on w's device, byte-identical to it. On the CPU the compiled
+    port of tinykern._C runs instead (the same bytes; `with tinykern.backend("torch")` forces this
+    one). Raises ValueError naming `name` if w holds NaN, Inf or values outside [LOWEST, HIGHEST].
     """
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q2_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
     x = float32_in_range(w, name, "Q2_K", LOWEST, HIGHEST).reshape(-1, BLOCK)
+    native = native_quantize("block_quantize", x, GGML_TYPE)  # the same bytes, compiled
+    if native is not None:
+        return native.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
     out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
     for start in range(0, x.shape[0], _CHUNK):
         out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
@@ -81,8 +87,8 @@ def _quantize_blocks(x):
     inv_scale = kquants.rdiv(15, torch.where(has_scale, max_scale, torch.ones_like(max_scale)))
     inv_min = kquants.rdiv(15, torch.where(has_min, max_min, torch.ones_like(max_min)))
     # The reference ORs the rounded ints into a byte: both nibbles modulo 16.
-    sc = torch.where(has_scale[:, None], torch.round(inv_scale[:, None] * scale), 0).to(torch.int32)
-    m = torch.where(has_min[:, None], torch.round(inv_min[:, None] * neg_min), 0).to(torch.int32)
+    sc = torch.where(has_scale[:, None], kquants.nearest_int(inv_scale[:, None] * scale), 0)
+    m = torch.where(has_min[:, None], kquants.nearest_int(inv_min[:, None] * neg_min), 0)
     packed = (sc | (m << 4)) & 255
     sc, m = packed & 15, packed >> 4
     # The fit may ask for a little more than fp16 holds near the range's ends: saturate (the
@@ -93,11 +99,11 @@ def _quantize_blocks(x):
     # Codes against the stored parameters; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc.float()
     offset = dmin[:, None] * m.float()
-    requant = torch.round((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
+    requant = kquants.nearest_int((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     codes = pack_codes(codes.reshape(B, BLOCK))
     return torch.cat((packed.to(torch.uint8), codes, fp16_bytes(d), fp16_bytes(dmin)), dim=1)
 
 
-FORMAT = Format(name="q2_k", ggml_type=10, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q2_k", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

@@ -8,9 +8,11 @@ code 0..7.
 import torch
 
 from tinykern.formats import kquants
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, round_to_fp16
+from tinykern.formats.common import (FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize,
+                                     round_to_fp16)
 from tinykern.formats.record import Format
 
+GGML_TYPE = 11
 BLOCK = 256
 BLOCK_BYTES = 110
 SUB = 16
@@ -23,14 +25,18 @@ _CHUNK = 4096
 def quantize(w, name="weight"):
     """Quantize w [..., K] (K a multiple of 256) to Q3_K blocks, uint8 [..., K/256*110].
 
-    A torch port of GGML's quantize_row_q3_K_ref (make_q3_quants per sub-block: codes from
-    the largest magnitude, refined one code at a time; 6-bit scales against the block's
-    largest), vectorized over blocks on w's device, byte-identical to it. Raises ValueError naming `name` if w holds
-    NaN, Inf or a magnitude above MAX_ABS.
+    A torch port of GGML's quantize_row_q3_K_ref (make_q3_quants per sub-block: codes from the
+    largest magnitude, refined one code at a time; 6-bit scales against the block's largest),
+    vectorized over blocks on w's device, byte-identical to it. On the CPU the compiled port of
+    tinykern._C runs instead (the same bytes; `with tinykern.backend("torch")` forces this one).
+    Raises ValueError naming `name` if w holds NaN, Inf or a magnitude above MAX_ABS.
     """
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q3_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
     x = float32_in_range(w, name, "Q3_K", -MAX_ABS, MAX_ABS).reshape(-1, BLOCK)
+    native = native_quantize("block_quantize", x, GGML_TYPE)  # the same bytes, compiled
+    if native is not None:
+        return native.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
     out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
     for start in range(0, x.shape[0], _CHUNK):
         out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
@@ -99,7 +105,8 @@ def _quantize_blocks(x):
     peak = kquants.first_absmax(scales.t())
     empty = peak == 0
     iscale = kquants.rdiv(-32, torch.where(empty, torch.ones_like(peak), peak))
-    sc = torch.round(iscale[:, None] * scales).clamp_(-32, 31) + 32
+    # Truncated to int8 before the clamp, as the reference does.
+    sc = kquants.nearest_int(iscale[:, None] * scales).to(torch.int8).to(torch.int32).clamp_(-32, 31) + 32
     sc = torch.where(empty[:, None], torch.zeros_like(sc), sc)
     # The fit can ask for a little more than fp16 holds at the range's end: saturate (the
     # codes below are recomputed against the stored values).
@@ -108,11 +115,11 @@ def _quantize_blocks(x):
 
     # Codes against the stored scales; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * (sc - 32)
-    requant = torch.round(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-4, 3) + 4
+    requant = kquants.nearest_int(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-4, 3) + 4
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     sc = sc.to(torch.uint8)
     return torch.cat((pack_codes(codes.reshape(B, BLOCK)), pack_scales(sc), fp16_bytes(d)), dim=1)
 
 
-FORMAT = Format(name="q3_k", ggml_type=11, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q3_k", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

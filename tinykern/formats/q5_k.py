@@ -8,10 +8,12 @@ A weight is d * scale * code - dmin * min, code 0..31.
 import torch
 
 from tinykern.formats import kquants
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, round_to_fp16
+from tinykern.formats.common import (FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize,
+                                     round_to_fp16)
 from tinykern.formats.q4k import pack_scales, unpack_scales
 from tinykern.formats.record import Format
 
+GGML_TYPE = 13
 BLOCK = 256
 BLOCK_BYTES = 176
 SUB = 32
@@ -26,14 +28,18 @@ _CHUNK = 2048
 def quantize(w, name="weight"):
     """Quantize w [..., K] (K a multiple of 256) to Q5_K blocks, uint8 [..., K/256*176].
 
-    A torch port of GGML's quantize_row_q5_K_ref (make_qkx2_quants over 16 grids per
-    sub-block, 6-bit scales and mins, codes recomputed against the stored scales), vectorized
-    over blocks on w's device, byte-identical to it. Raises ValueError naming `name` if w holds NaN, Inf or values
-    outside [LOWEST, HIGHEST].
+    A torch port of GGML's quantize_row_q5_K_ref (make_qkx2_quants over 16 grids per sub-block,
+    6-bit scales and mins, codes recomputed against the stored scales), vectorized over blocks on
+    w's device, byte-identical to it. On the CPU the compiled port of tinykern._C runs instead (the
+    same bytes; `with tinykern.backend("torch")` forces this one). Raises ValueError naming `name`
+    if w holds NaN, Inf or values outside [LOWEST, HIGHEST].
     """
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q5_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
     x = float32_in_range(w, name, "Q5_K", LOWEST, HIGHEST).reshape(-1, BLOCK)
+    native = native_quantize("block_quantize", x, GGML_TYPE)  # the same bytes, compiled
+    if native is not None:
+        return native.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
     out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
     for start in range(0, x.shape[0], _CHUNK):
         out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
@@ -90,7 +96,7 @@ def _quantize_blocks(x):
     # Codes against the stored parameters; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc.float()
     offset = dmin[:, None] * m.float()
-    requant = torch.round((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
+    requant = kquants.nearest_int((x.reshape(B, nsub, SUB) + offset[:, :, None]) / step[:, :, None]).clamp_(0, NMAX)
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
     return torch.cat((fp16_bytes(d), fp16_bytes(dmin), pack_scales(sc, m), pack_codes(codes.reshape(B, BLOCK))), dim=1)
 
@@ -103,8 +109,8 @@ def six_bit_scales(scale, neg_min):
     inv_scale = torch.where(max_scale > 0, kquants.rdiv(63, max_scale), torch.zeros_like(max_scale))
     inv_min = torch.where(max_min > 0, kquants.rdiv(63, max_min), torch.zeros_like(max_min))
     # The reference stores the rounded int in a uint8 and then caps it at 63.
-    sc = kquants.c_uint8(torch.round(inv_scale[:, None] * scale)).clamp_(max=63).to(torch.uint8)
-    m = kquants.c_uint8(torch.round(inv_min[:, None] * neg_min)).clamp_(max=63).to(torch.uint8)
+    sc = kquants.c_uint8(kquants.nearest_int(inv_scale[:, None] * scale)).clamp_(max=63).to(torch.uint8)
+    m = kquants.c_uint8(kquants.nearest_int(inv_min[:, None] * neg_min)).clamp_(max=63).to(torch.uint8)
     # The fit may ask for a little more than fp16 holds near the range's ends: saturate (the
     # codes are recomputed against the stored values).
     d = round_to_fp16((max_scale / 63).clamp(max=FP16_MAX))
@@ -112,5 +118,5 @@ def six_bit_scales(scale, neg_min):
     return d, dmin, sc, m
 
 
-FORMAT = Format(name="q5_k", ggml_type=13, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q5_k", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

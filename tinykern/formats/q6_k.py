@@ -7,9 +7,11 @@ scales for sixteen 16-weight sub-blocks, fp16 d. A weight is d * scale * (code -
 import torch
 
 from tinykern.formats import kquants
-from tinykern.formats.common import FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, round_to_fp16
+from tinykern.formats.common import (FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize,
+                                     round_to_fp16)
 from tinykern.formats.record import Format
 
+GGML_TYPE = 14
 BLOCK = 256
 BLOCK_BYTES = 210
 SUB = 16
@@ -23,12 +25,16 @@ def quantize(w, name="weight"):
     """Quantize w [..., K] (K a multiple of 256) to Q6_K blocks, uint8 [..., K/256*210].
 
     A torch port of GGML's quantize_row_q6_K_ref, vectorized over blocks on w's device
-    (byte-identical to it). Raises ValueError naming `name` if w holds NaN, Inf or a
-    magnitude above MAX_ABS.
+    (byte-identical to it). On the CPU the compiled port of tinykern._C runs instead (the same
+    bytes; `with tinykern.backend("torch")` forces this one). Raises ValueError naming `name` if w
+    holds NaN, Inf or a magnitude above MAX_ABS.
     """
     if w.shape[-1] % BLOCK:
         raise ValueError(f"{name}: Q6_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
     x = float32_in_range(w, name, "Q6_K", -MAX_ABS, MAX_ABS).reshape(-1, BLOCK)
+    native = native_quantize("block_quantize", x, GGML_TYPE)  # the same bytes, compiled
+    if native is not None:
+        return native.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
     out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
     for start in range(0, x.shape[0], _CHUNK):
         out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
@@ -83,11 +89,11 @@ def _quantize_blocks(x):
     # The fit can ask for a little more than fp16 holds at the range's end: saturate (the
     # codes below are recomputed against the stored values).
     d = round_to_fp16((1 / iscale).clamp(-FP16_MAX, FP16_MAX))
-    sc = torch.round(iscale[:, None] * scales).clamp_(max=127)
+    sc = kquants.nearest_int(iscale[:, None] * scales).clamp_(max=127)
 
     # Codes against the stored scales; sub-blocks whose step is 0 keep the search's codes.
     step = d[:, None] * sc
-    requant = torch.round(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-32, 31) + 32
+    requant = kquants.nearest_int(x.reshape(B, nsub, SUB) / step[:, :, None]).clamp_(-32, 31) + 32
     codes = torch.where((step == 0)[:, :, None], codes, requant.to(torch.uint8))
 
     # A block whose sub-blocks all quantize to 0 is stored as zero bytes.
@@ -97,5 +103,5 @@ def _quantize_blocks(x):
     return torch.cat((pack_codes(codes.reshape(B, BLOCK)), sc.to(torch.int8).view(torch.uint8), fp16_bytes(d)), dim=1)
 
 
-FORMAT = Format(name="q6_k", ggml_type=14, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q6_k", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)
