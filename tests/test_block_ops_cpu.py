@@ -15,26 +15,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import relative_error
+from test_format_records import FP16_FIELDS
 
 from tinykern import _ext
+from tinykern.formats import FORMATS
 
 gguf_quants = pytest.importorskip("gguf.quants")
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason=f"tinykern._C is not built ({_ext.ERROR})")
 
 # GGML type id: (name, weights per block, bytes per block, byte offsets of the block's fp16 fields)
-TYPES = {
-    2: ("q4_0", 32, 18, (0,)),
-    3: ("q4_1", 32, 20, (0, 2)),
-    6: ("q5_0", 32, 22, (0,)),
-    7: ("q5_1", 32, 24, (0, 2)),
-    8: ("q8_0", 32, 34, (0,)),
-    10: ("q2_k", 256, 84, (80, 82)),
-    11: ("q3_k", 256, 110, (108,)),
-    12: ("q4_k", 256, 144, (0, 2)),
-    13: ("q5_k", 256, 176, (0, 2)),
-    14: ("q6_k", 256, 210, (208,)),
-}
+TYPES = {f.ggml_type: (f.name, f.block, f.block_bytes, FP16_FIELDS[f.ggml_type]) for f in FORMATS.values()}
 WITH_TYPE = pytest.mark.parametrize("ggml_type", list(TYPES), ids=[TYPES[t][0] for t in TYPES])
 NATIVE_QUANTIZERS = tuple(TYPES)
 SIMD = pytest.mark.parametrize("simd", ["best", "avx2", "scalar"])

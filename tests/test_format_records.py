@@ -26,7 +26,7 @@ from tinykern.formats import BY_GGML_TYPE, FORMATS, legacy
 ALL = [pytest.param(f, id=f.name) for f in FORMATS.values()]
 WRITABLE = [pytest.param(f, id=f.name) for f in FORMATS.values() if f.quantize is not None]
 # The formats whose quantizer ports the reference exactly, on every path (not only the compiled one).
-BYTE_IDENTICAL = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
+BYTE_IDENTICAL = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q5_k", "q6_k"}
 # Byte offsets of each block's fp16 fields, by GGML type (ggml-common.h's block structs).
 FP16_FIELDS = {2: (0,), 3: (0, 2), 6: (0,), 7: (0, 2), 8: (0,), 10: (80, 82), 11: (108,), 12: (0, 2),
                13: (0, 2), 14: (208,)}
@@ -206,9 +206,10 @@ def test_quantize_error_against_reference(gen, fmt, dist, path):
         assert not bool(differ.any()), f"{fmt.name} {dist}: {int(differ.sum())} blocks differ from the reference"
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(FORMATS[n], id=n) for n in sorted(BYTE_IDENTICAL & set(FORMATS))])
+@pytest.mark.parametrize("fmt", [pytest.param(FORMATS[n], id=n) for n in sorted(BYTE_IDENTICAL & set(FORMATS)) if FORMATS[n].block == 32])
 def test_quantize_edge_blocks_match_reference(fmt):
-    """Blocks the reference treats specially: all zeros (of either sign), ties between +a and -a,
+    """Blocks the reference treats specially (the 32-weight formats; the K-quants' are in
+    test_kquant_formats.py): all zeros (of either sign), ties between +a and -a,
     constants, a single nonzero, scales that are fp16-subnormal or round to zero."""
     assert fmt.block == 32
     x = torch.stack([
