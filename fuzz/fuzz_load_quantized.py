@@ -21,12 +21,13 @@ with harness.instrumented("tinykern.serialization"):
     from tinykern import QuantConfig, load_quantized, quantize_, save_quantized, serialization
 
 SUFFIX = ".safetensors"
-CONFIG = QuantConfig(overrides={"gate": "q8_0"}, min_features=64)
+CONFIG = QuantConfig(overrides={"gate": "q8_0", "mix": "q5_0"}, min_features=64)
 DTYPES = (torch.float32, torch.float16)  # one seed each: float16 makes F16/BF16 relabels meaningful
 
 
 class Net(nn.Module):
-    """Every kind of tensor a file holds: Q4Conv2d, Q4Linear and Q8Linear (one without a bias),
+    """Every kind of tensor a file holds: Q4Conv2d, Q4Linear, Q8Linear (one without a bias) and a
+    generic QuantLinear (its spec names its format),
     dense layers left as they are (a depthwise conv, a norm, a short linear), a buffer of no
     elements."""
 
@@ -37,6 +38,7 @@ class Net(nn.Module):
         self.norm = nn.LayerNorm(64)
         self.proj = nn.Linear(64, 8)  # Q4Linear
         self.gate = nn.Linear(64, 4, bias=False)  # Q8Linear
+        self.mix = nn.Linear(64, 4)  # QuantLinear, Q5_0
         self.out = nn.Linear(12, 2)  # row 12: dense
         self.register_buffer("empty", torch.empty(0, 3))
 

@@ -171,3 +171,19 @@ def test_gguf_round_trip_byte_exact(tmp_path, name, gen):
     assert t.format is fmt and t.rows_aligned and torch.equal(t.data, blocks)
     module = fmt.linear_class.from_packed(t.data, 2 * fmt.block, format=fmt)
     assert torch.equal(module.qweight, blocks)
+
+
+@pytest.mark.parametrize("bad", [["q5_k"], "q9_x", None, 5])
+def test_forged_format_in_a_spec_is_a_value_error(tmp_path, bad, gen):
+    from test_serialization import forged, rewrite
+
+    model = nn.Sequential(nn.Linear(256, 8))
+    quantize_(model, QuantConfig(weight="q5_k", min_features=0))
+    assert type(model[0]) is QuantLinear  # the generic class: its spec names the format
+    tinykern.save_quantized(model, tmp_path / "m.safetensors")
+    path = rewrite(tmp_path / "m.safetensors", tmp_path / "forged.safetensors",
+                   forged("tinykern.modules", lambda specs: {**specs, "0": {**specs["0"], "format": bad}}))
+    fresh = nn.Sequential(nn.Linear(256, 8))
+    with pytest.raises(ValueError, match="forged.safetensors: quantized module '0'"):
+        tinykern.load_quantized(fresh, path)
+    assert type(fresh[0]) is nn.Linear

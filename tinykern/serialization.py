@@ -370,7 +370,7 @@ def _build(path, name, spec, layer):
         raise ValueError(f"{where}: spec keys {sorted(spec)}, expected {sorted(keys)}")
     if not (all(_is_pair(spec[a], 0 if a == "padding" else 1) if a in _PAIRS else _is_int(spec[a], 1) for a in args)
             and isinstance(spec["bias"], bool) and spec.get("bias_dtype", _BIAS_DTYPE_NAMES[0]) in _BIAS_DTYPE_NAMES
-            and spec.get("format", next(iter(FORMATS))) in FORMATS):
+            and (cls.FORMAT is not None or isinstance(spec["format"], str) and spec["format"] in FORMATS)):
         raise ValueError(f"{where}: malformed spec {reprlib.repr(spec)}")
     # A quantized layer stands in for the dense layer of its kind, or another quantized one.
     dense, quantized = (nn.Conv2d, QuantConv2d) if conv else (nn.Linear, QuantLinear)

@@ -24,7 +24,7 @@ def get(name, where="tinykern"):
     """The record of format `name` (a FORMATS key or a Format), or ValueError naming `where`."""
     if isinstance(name, Format):
         return name
-    fmt = FORMATS.get(name.lower() if isinstance(name, str) else name)
+    fmt = FORMATS.get(name.lower()) if isinstance(name, str) else None
     if fmt is None:
         raise ValueError(f"{where}: unknown format {name!r}; expected one of {list(FORMATS)}")
     return fmt

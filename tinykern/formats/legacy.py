@@ -36,7 +36,7 @@ def quantize_symmetric(w, name, fmt, bits):
     ggml's reference quantizer."""
     max_abs = symmetric_max_abs(bits)
     x = _blocks_of(w, name, fmt, -max_abs, max_abs)
-    native = native_quantize("block_quantize", x, GGML_TYPES[fmt])
+    native = native_quantize("block_quantize", x, _ggml_type(fmt))
     if native is not None:
         return native.reshape(*w.shape[:-1], -1)
     levels = 1 << bits
@@ -62,7 +62,7 @@ def quantize_affine(w, name, fmt, bits):
     low = x.gather(1, first[:, None])[:, 0]
     d = (high - low) / nmax
     _check_fp16(w, name, fmt, nmax, low, high, d)
-    native = native_quantize("block_quantize", x, GGML_TYPES[fmt])
+    native = native_quantize("block_quantize", x, _ggml_type(fmt))
     if native is not None:
         return native.reshape(*w.shape[:-1], -1)
     q = _codes((x - low[:, None]) * _inverse(d)[:, None] + 0.5, nmax + 1)
@@ -88,8 +88,11 @@ def dequantize_affine(blocks, dtype, bits):
     return _shaped(blocks, d[:, None] * q + m[:, None], dtype, bits, True)
 
 
-# The compiled quantizers (tinykern._C's block_quantize, the same bytes) by GGML type id.
-GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7}
+def _ggml_type(fmt):
+    """The GGML type id of format `fmt` ("Q4_0"), from its record: the compiled quantizer's key."""
+    from tinykern.formats import FORMATS  # the records import this module
+
+    return FORMATS[fmt.lower()].ggml_type
 
 
 def _blocks_of(w, name, fmt, low, high):

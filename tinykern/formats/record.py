@@ -19,7 +19,7 @@ class Format:
     # (blocks uint8 [..., nb*block_bytes], dtype) -> [..., nb*block], bit-identical to gguf-py
     dequantize: Callable
     # (w [..., K] with K a multiple of `block`, name) -> uint8 [..., K/block*block_bytes];
-    # None for a format tinykern reads and runs but does not write (Q2_K).
+    # None for a format tinykern would read and run but not write.
     quantize: Optional[Callable]
     # The public op names are f"{op_prefix}_matmul" etc.: "q4k" for Q4_K (its name before the
     # formats were generic), the format's name otherwise.
@@ -63,3 +63,19 @@ class Format:
 
     def __repr__(self):
         return f"Format({self.name!r})"
+
+    # One record per format: copies and unpickled modules share FORMATS' record.
+    def __reduce__(self):
+        return _registered, (self.name,)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _registered(name):
+    from tinykern.formats import FORMATS
+
+    return FORMATS[name]

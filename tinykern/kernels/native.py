@@ -18,7 +18,7 @@ from tinykern import _ext, backends
 from tinykern.formats import BY_GGML_TYPE, FORMATS
 
 # The formats with ops of their own in _C; the rest go through block_dequantize / block_matmul.
-_NAMED = ("q4_k", "q8_0")
+NAMED = ("q4_k", "q8_0")
 _RVQ_OPS = ("rvq_encode", "rvq_decode")
 
 
@@ -65,7 +65,7 @@ def _register_fakes():
     def matmul_fake(x, w, bias, exact=True):
         return x.new_empty((x.shape[0], w.shape[0]))
 
-    for name in _NAMED:
+    for name in NAMED:
         fmt = FORMATS[name]
         torch.library.register_fake(f"tinykern::{fmt.op('quantize')}")(quantize_fake(fmt.block, fmt.block_bytes))
         torch.library.register_fake(f"tinykern::{fmt.op('dequantize')}")(dequantize_fake(fmt.block, fmt.block_bytes))
@@ -97,7 +97,7 @@ def _register_fakes():
 
 def native_ops(fmt):
     """(dequantize(blocks, dtype), matmul(x, w, bias, exact)) of _C for format `fmt`."""
-    if fmt.name in _NAMED:
+    if fmt.name in NAMED:
         return getattr(torch.ops.tinykern, fmt.op("dequantize")), getattr(torch.ops.tinykern, fmt.op("matmul"))
     dequantize = torch.ops.tinykern.block_dequantize
     matmul = torch.ops.tinykern.block_matmul

@@ -26,6 +26,8 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
+from tinykern.formats import FORMATS
+
 
 @triton.jit
 def _byte(p, mask):
@@ -192,16 +194,9 @@ class Decoder(NamedTuple):
     ggml_type: int
 
 
-# Keyed by the names of tinykern.formats.FORMATS.
-DECODERS = {
-    "q4_0": Decoder(decode_q4_0, 32, 18, 2),
-    "q4_1": Decoder(decode_q4_1, 32, 20, 3),
-    "q5_0": Decoder(decode_q5_0, 32, 22, 6),
-    "q5_1": Decoder(decode_q5_1, 32, 24, 7),
-    "q8_0": Decoder(decode_q8_0, 32, 34, 8),
-    "q2_k": Decoder(decode_q2_k, 256, 84, 10),
-    "q3_k": Decoder(decode_q3_k, 256, 110, 11),
-    "q4_k": Decoder(decode_q4_k, 256, 144, 12),
-    "q5_k": Decoder(decode_q5_k, 256, 176, 13),
-    "q6_k": Decoder(decode_q6_k, 256, 210, 14),
-}
+# Each format's decoder, keyed by the names of tinykern.formats.FORMATS (whose records give the
+# geometry).
+_DECODE = {"q4_0": decode_q4_0, "q4_1": decode_q4_1, "q5_0": decode_q5_0, "q5_1": decode_q5_1, "q8_0": decode_q8_0,
+           "q2_k": decode_q2_k, "q3_k": decode_q3_k, "q4_k": decode_q4_k, "q5_k": decode_q5_k, "q6_k": decode_q6_k}
+DECODERS = {name: Decoder(fn, FORMATS[name].block, FORMATS[name].block_bytes, FORMATS[name].ggml_type)
+            for name, fn in _DECODE.items()}

@@ -105,9 +105,11 @@ def _layout(args):
     for spec in args.override:
         glob, sep, fmt = spec.rpartition("=")
         choices = [*_writable(), DENSE]
-        if not sep or not glob or fmt.lower() not in choices:
+        if not sep or not glob or fmt not in choices:
             raise ValueError(f"--override: expected GLOB=FORMAT with FORMAT one of {choices}, got {spec!r}")
-        overrides[glob] = fmt.lower()
+        if glob in overrides:
+            raise ValueError(f"--override: {glob!r} is given twice")
+        overrides[glob] = fmt
     return SDQuantConfig(unet=args.weight, text_encoder=args.text_encoder_weight, unet_overrides=overrides)
 
 

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from tinykern.quantize import QuantConfig, QuantReport, quantize_
+from tinykern.quantize import DENSE, QuantConfig, QuantReport, quantize_
 
 log = logging.getLogger("tinykern.sd")
 
@@ -36,9 +36,12 @@ class SDQuantConfig:
     unet_overrides: dict = dataclasses.field(default_factory=dict)
 
     def unet_config(self):
-        return None if self.unet is None else QuantConfig(weight=self.unet, skip=list(self.keep_dense),
-                                                          overrides=dict(self.unet_overrides),
-                                                          min_features=self.min_features, convs=True)
+        if self.unet is None:
+            return None
+        # keep_dense as "fp16" overrides after the user's: the first match wins, so an override
+        # naming a kept-dense layer (time_embedding.*=q8_0) quantizes it.
+        overrides = {**self.unet_overrides, **{p: DENSE for p in self.keep_dense if p not in self.unet_overrides}}
+        return QuantConfig(weight=self.unet, overrides=overrides, min_features=self.min_features, convs=True)
 
     def text_encoder_config(self):
         # Conv-free; the token and position embeddings are not Linear and stay dense.

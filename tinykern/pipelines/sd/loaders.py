@@ -344,10 +344,10 @@ def _unet_from_gguf(path, unet_config, qconfig):
 
     A Linear/Conv2d weight in a format of tinykern.formats.FORMATS is adopted byte for byte when
     its rows (in_features, or in_channels/groups*kh*kw) are whole blocks, ComfyUI-GGUF's reshape
-    undone; one whose rows are not (its blocks straddle output channels) is dequantized and
-    re-quantized in its own format, rows zero-padded. A dense (F16/F32/BF16) weight is quantized
-    as `qconfig` says, and stays dense where it says so (or when qconfig quantizes nothing, which
-    dequantizes everything). A type tinykern cannot run is dequantized by gguf-py, or refused
+    undone, whatever `qconfig` says of the layer (unless it quantizes nothing: then every weight
+    is dequantized). Otherwise `qconfig` decides: a layer it keeps dense is dequantized; one it
+    quantizes is re-quantized in the file's format (its blocks straddle output channels: rows
+    zero-padded), or quantized from a dense (F16/F32/BF16) weight in the layout's format. A type tinykern cannot run is dequantized by gguf-py, or refused
     naming the tensor where gguf-py cannot either. Each case but the first is one warning line."""
     from diffusers import UNet2DConditionModel
 
@@ -375,22 +375,23 @@ def _unet_from_gguf(path, unet_config, qconfig):
         if tuple(t.shape) != tuple(module.weight.shape):
             raise ValueError(f"{path}: tensor {t.name!r} ({t.type}) has shape {list(t.shape)}, but the UNet's "
                              f"{name}.weight is {list(module.weight.shape)}")
+        out, row = module.weight.shape[0], module.weight[0].numel()
+        if cfg is not None and t.format is not None and row % t.format.block == 0:
+            _replace(unet, name, _quantized_like(module, t.format))
+            state[name + ".qweight"] = t.data.reshape(out, -1)  # the file's bytes, ComfyUI's reshape undone
+            kinds["adopted"].append(name)
+            continue
         planned = cfg.format_for(name, module)[0] if cfg is not None else None
-        fmt = t.format if cfg is not None and t.format is not None else (FORMATS[planned] if planned else None)
-        if fmt is None:
-            if t.format is not None or t.type not in DENSE_NAMES:
+        if planned is None:
+            if t.type not in DENSE_NAMES:
                 kinds["dequantized"].append(f"{name} ({t.type})")
             state[name + ".weight"] = _gguf_dense(path, t)
             continue
-        layer = _quantized_like(module, fmt)
-        out, row = module.weight.shape[0], module.weight[0].numel()
-        if t.format is fmt and row % fmt.block == 0:
-            state[name + ".qweight"] = t.data.reshape(out, -1)
-            kinds["adopted"].append(name)
-        else:
-            kinds["requantized" if t.format is not None else "quantized"].append(f"{name} ({t.type})")
-            state[name + ".qweight"] = quantize_rows(fmt, _gguf_dense(path, t).reshape(out, row), f"{path}: {t.name}")
-        _replace(unet, name, layer)
+        # Rows that straddle blocks: quantized again, in the file's format where tinykern runs it.
+        fmt = t.format or FORMATS[planned]
+        kinds["requantized" if t.format is not None else "quantized"].append(f"{name} ({t.type})")
+        state[name + ".qweight"] = quantize_rows(fmt, _gguf_dense(path, t).reshape(out, row), f"{path}: {t.name}")
+        _replace(unet, name, _quantized_like(module, fmt))
     _report_gguf_layout(path, kinds)
     state.update({n: _gguf_dense(path, t) for n, t in tensors.items()})
     try:
@@ -419,8 +420,9 @@ def _report_gguf_layout(path, kinds):
     why = {
         "requantized": "dequantized and re-quantized in their own format, rows zero-padded: their rows are not whole "
                        "blocks (the file's blocks straddle output channels)",
-        "quantized": "quantized from the file's dense weights by the layout",
-        "dequantized": "dequantized: kept dense by the layout, or in a type tinykern does not run",
+        "quantized": "quantized by the layout from the file's dense weights (or from a type tinykern does not run)",
+        "dequantized": "dequantized: kept dense (by the layout, whose format could not adopt their blocks, or by "
+                       "quantize=False)",
     }
     for kind, reason in why.items():
         names = kinds[kind]

@@ -239,7 +239,9 @@ def kernel_models(backend):
             models[fmt.op("matmul")] = _output_only
             models[fmt.op("conv2d")] = models[fmt.op("conv2d_grouped")] = _outside_weight
         else:
-            models[fmt.op("matmul")] = functools.partial(_dense_matmul, fmt, backend)
+            # csrc/cuda/block_matmul.cu fuses at every M; q4k.cu and q8_0.cu dequantize above the GEMV.
+            fused = backend == "cuda" and fmt.name not in native.NAMED
+            models[fmt.op("matmul")] = _output_only if fused else functools.partial(_dense_matmul, fmt, backend)
             models[fmt.op("conv2d")] = models[fmt.op("conv2d_grouped")] = functools.partial(native.conv2d, dequantize)
     return models
 
