@@ -98,6 +98,10 @@ LAYOUTS = {
     "q2_k, attention q3_k": ("q2_k", {ATTENTION: "q3_k"}),
     "q2_k, attention and resnet convs q3_k": ("q2_k", {ATTENTION: "q3_k", RESNET_CONVS: "q3_k"}),
     "q3_k, attention q4_k": ("q3_k", {ATTENTION: "q4_k"}),
+    "q4_k, feed-forward q3_k": ("q4_k", {FEED_FORWARD: "q3_k"}),
+    "q4_k, resnet convs q3_k": ("q4_k", {RESNET_CONVS: "q3_k"}),
+    "q4_0, feed-forward q3_k": ("q4_0", {FEED_FORWARD: "q3_k"}),
+    "q4_k, feed-forward q2_k": ("q4_k", {FEED_FORWARD: "q2_k"}),
 }
 
 

@@ -40,6 +40,7 @@ def add_parser(subparsers):
     gen.add_argument("--vae-on-cpu", action="store_true", help="decode on the CPU")
     gen.add_argument("--sequential-cfg", action="store_true", help="run the two CFG passes one after the other")
     _memory_arguments(gen)
+    _layout_arguments(gen)
     gen.add_argument("--out", required=True, help="output image (.png, .jpg, ...)")
     gen.set_defaults(func=generate)
 
@@ -60,6 +61,7 @@ def add_parser(subparsers):
     mem.add_argument("--arch", choices=("sm90", "sm80"), default="sm90", help="for the cuBLAS workspace size")
     mem.add_argument("--json", help="also write the plan to this JSON file")
     _memory_arguments(mem)
+    _layout_arguments(mem)
     mem.set_defaults(func=memory)
 
     quant = commands.add_parser("quantize", help="write a pre-quantized model folder that loads in seconds")
@@ -199,6 +201,7 @@ def generate(args):
     start = time.perf_counter()
     with checks.one_line_errors(GENERATE):
         _check_model_arguments(args)
+        _layout(args)
         args.out = checks.image_file("--out", args.out)
         checks.at_least("--steps", args.steps, 1)
         checks.at_least("--guidance", args.guidance, 0)
@@ -274,7 +277,7 @@ def _planned_pipeline(args, loras, slicing, vae_on_gpu, lora_rank=0):
     """The run's pipeline on the meta device, for the memory planner: loras [(path, scale)]."""
     from tinykern.pipelines.sd import memory as planner
 
-    return planner.planned_pipeline(planner.config_dir(args.model, args.config), quantize=not args.dense,
+    return planner.planned_pipeline(planner.config_dir(args.model, args.config), quantize=_layout(args),
                                     vae_on_gpu=vae_on_gpu, loras=loras, lora_rank=lora_rank, merge=args.merge_lora,
                                     factor_format=_factor_format(args),
                                     sequential_cfg=args.sequential_cfg, slicing=slicing, rehash=args.rehash,
