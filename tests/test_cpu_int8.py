@@ -134,3 +134,19 @@ def test_zero_and_empty_rows(fmt, gen):
     y = op(x, w, None, False)
     assert bool((y[2] == 0).all()) and bool(torch.isfinite(y).all())
     assert op(x[:0], w, None, False).shape == (0, 9)
+
+
+@pytest.mark.parametrize("fmt", list(_FORMATS))
+def test_same_bits_on_any_thread_count(fmt, gen):
+    """Each output is one kernel call's sum whatever the tiling, so threads change no bits."""
+    op = getattr(torch.ops.tinykern, f"{fmt}_matmul")
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 5, 77):
+            x, w, _ = make_case(gen, fmt, m, 1000, 300)
+            torch.set_num_threads(1)
+            one = op(x, w, None, False)
+            torch.set_num_threads(2)
+            assert torch.equal(op(x, w, None, False), one), m
+    finally:
+        torch.set_num_threads(threads)
