@@ -9,6 +9,7 @@ import torch
 import tinykern
 from tinykern import _ext, backends, ops
 from tinykern.formats import q4k
+from test_cpu_int8 import ggml_error
 
 OPS = ("q4k_matmul", "q4k_conv2d", "q8_0_matmul", "q4k_dequantize", "q8_0_dequantize")
 
@@ -137,7 +138,11 @@ def test_auto_result_matches_the_reference(gen, q4_args):
     auto = ops.q4k_matmul(x, w)
     with tinykern.backend("torch"):
         ref = ops.q4k_matmul(x, w)
-    assert ((auto - ref).norm() / ref.norm()).item() < 1e-5
+    # auto is the cpu backend when built, whose default rounds x to int8 as ggml does.
+    bound = 1e-5
+    if backends.resolve("q4k_matmul", torch.device("cpu"))[0] == "cpu":
+        bound += 1.05 * ggml_error("q4k", x, q4k.dequantize(w, torch.float64))
+    assert ((auto - ref).norm() / ref.norm()).item() < bound
 
 
 @pytest.mark.parametrize("backend", backends.BACKENDS)

@@ -1,6 +1,7 @@
 // What the CPU kernels of the block formats (Q4_K, Q8_0) share: fp16 reads, AVX2 store and sum
-// helpers, and the matmul driver that picks between on-the-fly decoding (small M), a bf16 GEMM
-// on AMX and tiles of dequantized rows fed to the BLAS (large M).
+// helpers, and the matmul driver that picks between int8 dots on x rounded to int8 (small M,
+// not exact), on-the-fly decoding in fp32 (small M), a bf16 GEMM on AMX and tiles of
+// dequantized rows fed to the BLAS (large M).
 #pragma once
 
 // First, so that this is the first inclusion of the intrinsics headers in the TU.
@@ -172,9 +173,11 @@ at::Tensor bf16_matmul(const at::Tensor& xb, const uint8_t* w, int64_t n, int64_
 // bf16 and converting x and out cost more than the bf16 GEMM saves over fp32.
 constexpr int64_t kBf16MinRows = 256;
 
-// The q*_matmul op, by rows of x. Below Format::kTileMinRows: fp32 x zero-padded to whole
-// blocks (the kernels never read x past K) into Format::gemv. From kBf16MinRows: bf16_matmul
-// where the CPU has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit
+// The q*_matmul op, by rows of x. Unless `exact`, below Format::int8_max_rows() (the formats
+// with an int8 kernel: Q4_K, Q8_0): Format::gemv_int8, x rounded to int8 per block as ggml's CPU
+// backend rounds its activations (the same error, see int8_dot.h). Else below
+// Format::kTileMinRows: fp32 x zero-padded to whole blocks (the kernels never read x past K)
+// into Format::gemv. From kBf16MinRows: bf16_matmul where the CPU has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit
 // mantissa bf16 would cut to 8): x, the weight and the bias rounded to bf16, fp32 accumulation,
 // the output rounded to bf16. Otherwise tiled_matmul in fp32 with the bias added after. Then
 // the cast to x.dtype.
@@ -189,9 +192,19 @@ at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w
         bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kBFloat16)) : c10::nullopt;
     return bf16_matmul<Format>(x.to(at::kBFloat16), wc.data_ptr<uint8_t>(), s.n, s.nb, bias16).to(x.scalar_type());
   }
+  at::Tensor out;
+  if constexpr (requires { Format::int8_max_rows(); }) {
+    if (!exact && s.m > 0 && s.nb > 0 && s.m < Format::int8_max_rows()) {
+      // x rounded to int8 per block (int8_dot.h): within ggml's own error, see Format::gemv_int8.
+      const at::Tensor xf = x.to(at::kFloat).contiguous();
+      out = at::empty({s.m, s.n}, xf.options());
+      Format::gemv_int8(xf.data_ptr<float>(), s.m, s.k, wc.data_ptr<uint8_t>(), s.n, s.nb, out.data_ptr<float>());
+      if (bias.has_value()) out.add_(bias->to(at::kFloat));
+      return out.to(x.scalar_type());
+    }
+  }
   at::Tensor x32 = at::zeros({s.m, s.nb * Format::kBlock}, x.options().dtype(at::kFloat));
   x32.narrow(1, 0, s.k).copy_(x);
-  at::Tensor out;
   if (!wide) {
     out = at::empty({s.m, s.n}, x32.options());
     Format::gemv(x32.data_ptr<float>(), s.m, wc.data_ptr<uint8_t>(), s.n, s.nb, out.data_ptr<float>());

@@ -40,6 +40,16 @@ bool has_avx2_fma() { return level() >= 1; }
 
 bool has_avx512() { return level() >= 2; }
 
+bool has_avx512_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool vnni = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512vnni");
+  return vnni && has_avx512();
+#else
+  return false;
+#endif
+}
+
 bool has_amx_bf16() { return level() >= 3; }
 
 const char* simd_level() {

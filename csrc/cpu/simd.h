@@ -9,6 +9,10 @@ bool has_avx2_fma();
 // True when, on top of that, it runs AVX-512F (the Q4_K GEMV has a 16-lane variant).
 bool has_avx512();
 
+// True when, on top of AVX-512F, the CPU has AVX512-BW, -VL and -VNNI (the int8 kernels'
+// 16-lane variant; without them they take the AVX2 one). Capped like has_avx512().
+bool has_avx512_vnni();
+
 // True when, on top of that, the CPU has AMX-BF16 and torch's oneDNN brgemm ukernel runs on it
 // (the bf16 path of the wide matmul).
 bool has_amx_bf16();
