@@ -1,6 +1,6 @@
 // Q4_K on CPU: dequantize, and a matmul that decodes the 4-bit codes on the fly for small M and
 // feeds L2-sized tiles of dequantized rows to the BLAS for large M. Layout:
-// shared/docs/q4k-format.md.
+// docs/formats.md.
 #include "cpu/blockquant.h"  // first: it includes the intrinsics headers
 #include "cpu/int8_dot.h"
 

@@ -4,7 +4,7 @@
 // SIMD lane through the reference's sequence of fp32 operations in the reference's order, so
 // vectorizing across sub-blocks changes no rounding; the rest of each super-block is scalar. The
 // build compiles with -ffp-contract=off so that no multiply-add is fused. Layout:
-// shared/docs/q4k-format.md.
+// docs/formats.md.
 //
 // Rules of tinykern's own, where the reference stores no finite or exact value (the torch ports
 // of tinykern/formats keep the same ones):

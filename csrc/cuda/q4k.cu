@@ -1,5 +1,5 @@
 // Q4_K on CUDA: dequantize, a GEMV for small M that reads the packed weights once with 16-byte
-// loads, and dequantize + cuBLAS for larger M. Layout: shared/docs/q4k-format.md.
+// loads, and dequantize + cuBLAS for larger M. Layout: docs/formats.md.
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
