@@ -90,18 +90,19 @@ FEED_FORWARD = "*.ff.net.*"
 ATTENTION = "*.attn[12].*"
 RESNET_CONVS = "*.resnets.*.conv[12]"
 LAYOUTS = {
-    "q3_k": ("q3_k", {}),
-    "q2_k": ("q2_k", {}),
     "q3_k, feed-forward q2_k": ("q3_k", {FEED_FORWARD: "q2_k"}),
     "q3_k, resnet convs q2_k": ("q3_k", {RESNET_CONVS: "q2_k"}),
-    "q2_k, attention q4_k": ("q2_k", {ATTENTION: "q4_k"}),
-    "q2_k, attention q3_k": ("q2_k", {ATTENTION: "q3_k"}),
-    "q2_k, attention and resnet convs q3_k": ("q2_k", {ATTENTION: "q3_k", RESNET_CONVS: "q3_k"}),
     "q3_k, attention q4_k": ("q3_k", {ATTENTION: "q4_k"}),
-    "q4_k, feed-forward q3_k": ("q4_k", {FEED_FORWARD: "q3_k"}),
+    "q2_k, attention q4_k": ("q2_k", {ATTENTION: "q4_k"}),
+    "q2_k, resnet convs q4_k": ("q2_k", {RESNET_CONVS: "q4_k"}),
+    "q2_k, resnet convs q4_k, attention q3_k": ("q2_k", {RESNET_CONVS: "q4_k", ATTENTION: "q3_k"}),
+    "q3_k, resnet convs q4_k, feed-forward q2_k": ("q3_k", {RESNET_CONVS: "q4_k", FEED_FORWARD: "q2_k"}),
     "q4_k, resnet convs q3_k": ("q4_k", {RESNET_CONVS: "q3_k"}),
-    "q4_0, feed-forward q3_k": ("q4_0", {FEED_FORWARD: "q3_k"}),
+    "q4_k, feed-forward q3_k": ("q4_k", {FEED_FORWARD: "q3_k"}),
     "q4_k, feed-forward q2_k": ("q4_k", {FEED_FORWARD: "q2_k"}),
+    "q4_0, feed-forward q3_k": ("q4_0", {FEED_FORWARD: "q3_k"}),
+    "q4_k, feed-forward and attention q2_k": ("q4_k", {FEED_FORWARD: "q2_k", ATTENTION: "q2_k"}),
+    "q4_k, feed-forward q2_k, attention q3_k": ("q4_k", {FEED_FORWARD: "q2_k", ATTENTION: "q3_k"}),
 }
 
 
@@ -117,6 +118,7 @@ def layouts_cpu(size=256, seed=0):
     from tinykern.bench import machine
     from tinykern.quantize import QuantConfig, _replace
 
+    torch.manual_seed(seed)  # diffusers' random initialization draws from the global generator
     unet, _, _ = _build("cpu", torch.float32)
     unet.eval()
     with torch.no_grad():  # the reference: fp16 weights, computed in fp32
