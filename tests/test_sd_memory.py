@@ -131,6 +131,24 @@ def test_plan_books_every_weight_once_rounded(meta_tiny):
     assert "predicted peak allocated" in plan.report()
 
 
+def test_a_saved_folder_is_planned_in_its_own_layout(tmp_path):
+    """`sd quantize --weight q8_0 --override ...` folders: the planner builds the modules the
+    files record (headers only), not the default Q4_K layout."""
+    from tinykern.pipelines.sd import load_pipeline, save_pipeline
+    from tinykern.pipelines.sd.testing import write_diffusers_folder
+
+    write_diffusers_folder(tmp_path / "diffusers", *tiny_components())
+    layout = SDQuantConfig(unet="q8_0", text_encoder="q5_k", min_features=0, unet_overrides={"*.ff.net.*": "q3_k"})
+    pipe = load_pipeline(tmp_path / "diffusers", device="cpu", quantize=layout)
+    save_pipeline(pipe, tmp_path / "saved")
+    planned = memory.meta_pipeline(tmp_path / "saved", quantize=True)
+    for part in ("unet", "text_encoder"):
+        real = {n: (type(m).__name__, getattr(m, "format", None)) for n, m in getattr(pipe, part).named_modules()}
+        meta = {n: (type(m).__name__, getattr(m, "format", None)) for n, m in getattr(planned, part).named_modules()}
+        assert meta == real, part
+    assert any(m.format.name == "q3_k" for m in planned.unet.modules() if hasattr(m, "format"))
+
+
 def test_plan_sees_the_options_that_change_memory(meta_tiny):
     pipe = memory.meta_pipeline(meta_tiny, quantize=TINY_QUANT)
     base = memory.plan(pipe, 256, 256, guidance=7.5)

@@ -130,6 +130,21 @@ def load_quantized(model, path, device="cpu", strict=True):
     return model
 
 
+def layout_of(model, path):
+    """Swap into `model` the empty (meta) quantized modules that `path`'s layer specs record,
+    reading its header only: a saved model's layout without its weights (the SD memory planner
+    plans a `tinykern sd quantize` folder with it). Raises ValueError naming the file as
+    load_quantized does; the model is then left as it was."""
+    path = os.fspath(path)
+    metadata, _, _ = _read_header(path)
+    specs, _ = _read_metadata(path, metadata)
+    layers = {name: m for name, m in model.named_modules(remove_duplicate=False) if name}
+    built = {name: _build(path, name, spec, layers.get(name)) for name, spec in specs.items()}
+    for name, module in built.items():
+        _replace(model, name, module)
+    return model
+
+
 def _usable_device(path, device):
     """`device` as a torch.device, once a tensor can be made there (a CUDA device asked of a
     machine without one, or a device index past the last, is refused before anything is read)."""

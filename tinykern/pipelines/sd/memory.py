@@ -125,15 +125,17 @@ def config_dir(model=None, config=None):
 def meta_pipeline(folder=None, quantize=True, dtype=torch.float16, vae_on_gpu=True, vae_decoder_only=True):
     """A TinySDPipeline with every component on the meta device in the low-VRAM layout
     (quantize: True, False or an SDQuantConfig), from the configs in `folder` (default SD1.5).
-    Nothing is read but the configs."""
+    A `tinykern sd quantize` folder keeps the layout it was saved with (its files' layer specs).
+    Nothing is read but the configs and those headers."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from tinykern.pipelines.sd.layout import SDQuantConfig, move
-    from tinykern.pipelines.sd.loaders import _scheduler
+    from tinykern.pipelines.sd.loaders import WEIGHTS, _scheduler
     from tinykern.pipelines.sd.pipeline import TinySDPipeline
     from tinykern.pipelines.sd.tokenizer import clip_tokenizer
     from tinykern.quantize import quantize_
+    from tinykern.serialization import layout_of
 
     folder = Path(folder) if folder is not None else config_dir()
     qconfig = SDQuantConfig.of(quantize)
@@ -141,9 +143,13 @@ def meta_pipeline(folder=None, quantize=True, dtype=torch.float16, vae_on_gpu=Tr
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-    for module, cfg in ((unet, qconfig.unet_config()), (text_encoder, qconfig.text_encoder_config())):
+    for name, module, cfg in (("unet", unet, qconfig.unet_config()),
+                              ("text_encoder", text_encoder, qconfig.text_encoder_config())):
         move(module.eval(), "meta", dtype)
-        if cfg is not None:
+        saved = folder / name / WEIGHTS
+        if saved.is_file():
+            layout_of(module, saved)
+        elif cfg is not None:
             quantize_(module, cfg)
     move(vae.eval(), "meta", dtype)
     pipe = TinySDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
