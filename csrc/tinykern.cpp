@@ -51,8 +51,9 @@ static PyObject* runtime_info(PyObject*, PyObject*) {
 #else
   PyObject* cuda = Py_False;
 #endif
-  return Py_BuildValue("{s:s,s:O,s:i,s:O}", "simd", tinykern::cpu::simd_level(), "openmp", openmp,
-                       "openmp_threads", threads, "cuda", cuda);
+  PyObject* bf16_gemm = tinykern::cpu::has_bf16_gemm() ? Py_True : Py_False;
+  return Py_BuildValue("{s:s,s:O,s:i,s:O,s:O}", "simd", tinykern::cpu::simd_level(), "openmp", openmp,
+                       "openmp_threads", threads, "cuda", cuda, "bf16_gemm", bf16_gemm);
 }
 
 static PyMethodDef methods[] = {

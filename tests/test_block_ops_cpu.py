@@ -166,7 +166,7 @@ def test_matmul_half_x(ggml_type, m, dtype, gen):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 @WITH_TYPE
 def test_matmul_inexact_wide(ggml_type, with_bias, dtype, gen):
-    """exact=False: the bf16 GEMM where the CPU has AMX, the fp32 tiles elsewhere."""
+    """exact=False: the bf16 GEMM where the CPU multiplies bf16 in hardware, the fp32 tiles elsewhere."""
     x, w, bias, ref = matmul_case(gen, ggml_type, 300, 37, dtype, with_bias)
     y = torch.ops.tinykern.block_matmul(x, w, bias, ggml_type, False)
     assert y.dtype == dtype

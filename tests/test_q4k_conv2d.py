@@ -52,7 +52,7 @@ def reference(x, weight, bias, stride, padding, dilation, groups=1):
 
 
 # The most the default (not exact) CPU path may show: ggml's relative error with 8-bit
-# activations (the CPU conv runs in bf16 on AMX).
+# activations (the CPU conv runs in bf16 on bf16 hardware).
 FAST_BOUND = 7e-3
 
 

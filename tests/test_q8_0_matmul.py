@@ -26,7 +26,7 @@ CASES = [
     (64, 512, 33, True),
     (64, 300, 7, False),
     (64, 1000, 33, True),
-    (257, 300, 33, True),  # the CPU's bf16 path (from 256 rows) on AMX
+    (257, 300, 33, True),  # the CPU's bf16 path (from 256 rows) on bf16 hardware
 ]
 # Relative Frobenius error of ggml's Q4_K mul_mat (activations quantized to 8 bits) against
 # float64 on random data: the most the default (not exact) CPU path may show from 256 rows.
@@ -60,7 +60,7 @@ def reference(x, dense, bias):
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
 def test_fp32_matches_dequantized_matmul(device, backend, M, K, N, has_bias, exact, gen):
     """exact: every backend within 1e-3. fast (the default): the CPU kernels round x to int8
-    below 128 rows and may round to bf16 from 256 rows on AMX, and must stay within ggml's own
+    below 128 rows and may round to bf16 from 256 rows on bf16 hardware, and must stay within ggml's own
     error with 8-bit activations (fast_bound)."""
     w, dense = make_weight(gen, N, K)
     x = torch.randn(M, K, generator=gen)

@@ -28,7 +28,7 @@ POISON = float("nan")
 
 @pytest.fixture(autouse=True)
 def exact_cpu_matmuls():
-    """fp32-exact CPU matmuls (the bf16 AMX path has its own bound in test_block_ops_cpu.py)."""
+    """fp32-exact CPU matmuls (the bf16 path has its own bound in test_block_ops_cpu.py)."""
     with backends.backend("auto", exact=True):
         yield
 

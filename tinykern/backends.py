@@ -55,9 +55,9 @@ def backend(name, exact=False):
     exact=True keeps every product of the CPU matmul kernels in fp32. By default the Q4_K and
     Q8_0 CPU kernels round x to int8 per block below 128 rows (as ggml's Q8_K / Q8_0 activations:
     integer dot products, relative error about 6-7e-3 against float64, ggml's own on the same
-    data), and from 256 rows of fp32 or bf16 x on a CPU with AMX-BF16 they round x, the weight,
-    the bias and the output to bf16 (fp32 accumulation: about 2.9e-3). Other backends compute in
-    fp32 either way."""
+    data), and from 256 rows of fp32 or bf16 x on a CPU with bf16 hardware (AMX-BF16 or
+    AVX512-BF16) they round x, the weight, the bias and the output to bf16 (fp32 accumulation:
+    about 2.9e-3). Other backends compute in fp32 either way."""
     preload(_check_name(name))
     token, exact_token = _forced.set(name), _exact.set(bool(exact))
     try:

@@ -1,6 +1,6 @@
 // What the CPU kernels of the block formats (Q4_K, Q8_0) share: fp16 reads, AVX2 store and sum
 // helpers, and the matmul driver that picks between int8 dots on x rounded to int8 (small M,
-// not exact), on-the-fly decoding in fp32 (small M), a bf16 GEMM on AMX and tiles of
+// not exact), on-the-fly decoding in fp32 (small M), a bf16 GEMM on bf16 hardware and tiles of
 // dequantized rows fed to the BLAS (large M).
 #pragma once
 
@@ -142,7 +142,7 @@ at::Tensor tiled_matmul(const at::Tensor& x32, int64_t k, const uint8_t* w, int6
   return out;
 }
 
-// out [M, N] bf16 = xb [M, K] @ dequant(w)[:, :K].T (+ bias16) on oneDNN's bf16 GEMM (AMX, fp32
+// out [M, N] bf16 = xb [M, K] @ dequant(w)[:, :K].T (+ bias16) on oneDNN's bf16 GEMM (AMX or AVX512-BF16, fp32
 // accumulation): tiles of up to 2^22 weights (8 MB of bf16), one after another, each dequantized
 // by all threads and then multiplied by all threads into its column slab of out, the bias slice
 // fused. oneDNN packs x again for every GEMM, so the tiles are as large as a transient buffer
@@ -177,7 +177,7 @@ constexpr int64_t kBf16MinRows = 256;
 // with an int8 kernel: Q4_K, Q8_0): Format::gemv_int8, x rounded to int8 per block as ggml's CPU
 // backend rounds its activations (the same error, see int8_dot.h). Else below
 // Format::kTileMinRows: fp32 x zero-padded to whole blocks (the kernels never read x past K)
-// into Format::gemv. From kBf16MinRows: bf16_matmul where the CPU has AMX-BF16 (has_amx_bf16()), unless `exact` or x is fp16 (whose 11-bit
+// into Format::gemv. From kBf16MinRows: bf16_matmul where the CPU multiplies bf16 in hardware (has_bf16_gemm()), unless `exact` or x is fp16 (whose 11-bit
 // mantissa bf16 would cut to 8): x, the weight and the bias rounded to bf16, fp32 accumulation,
 // the output rounded to bf16. Otherwise tiled_matmul in fp32 with the bias added after. Then
 // the cast to x.dtype.
@@ -187,7 +187,7 @@ at::Tensor block_matmul(const char* op, const at::Tensor& x, const at::Tensor& w
   const MatmulShape s = check_matmul(op, Format::kBlock, Format::kBlockBytes, x, w, bias, c10::DeviceType::CPU);
   const at::Tensor wc = w.contiguous();
   const bool wide = s.m >= Format::kTileMinRows && s.nb > 0;
-  if (s.m >= kBf16MinRows && s.nb > 0 && !exact && x.scalar_type() != at::kHalf && has_amx_bf16()) {
+  if (s.m >= kBf16MinRows && s.nb > 0 && !exact && x.scalar_type() != at::kHalf && has_bf16_gemm()) {
     const c10::optional<at::Tensor> bias16 =
         bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kBFloat16)) : c10::nullopt;
     return bf16_matmul<Format>(x.to(at::kBFloat16), wc.data_ptr<uint8_t>(), s.n, s.nb, bias16).to(x.scalar_type());

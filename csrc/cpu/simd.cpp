@@ -52,6 +52,15 @@ bool has_avx512_vnni() {
 
 bool has_amx_bf16() { return level() >= 3; }
 
+bool has_bf16_gemm() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx512_bf16 = __builtin_cpu_supports("avx512bf16");
+  return has_amx_bf16() || (avx512_bf16 && has_avx512());
+#else
+  return false;
+#endif
+}
+
 const char* simd_level() {
   static const char* const names[] = {"scalar", "avx2+fma", "avx512", "avx512+amx"};
   return names[level()];

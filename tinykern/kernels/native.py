@@ -23,9 +23,9 @@ _RVQ_OPS = ("rvq_encode", "rvq_decode")
 
 
 def conv2d(dequantize, x, w, bias, kernel_size, stride, padding, dilation, groups):
-    """The native dequantize, then the vendor conv (cuDNN, oneDNN), in x.dtype; on a CPU with
-    AMX-BF16 in bf16 for fp32 and bf16 x (fp32 accumulation, relative error about 3e-3 against
-    float64) unless `tinykern.backend(..., exact=True)`. At conv sizes the GEMM is
+    """The native dequantize, then the vendor conv (cuDNN, oneDNN), in x.dtype; on a CPU with bf16
+    hardware (AMX-BF16 or AVX512-BF16) in bf16 for fp32 and bf16 x (fp32 accumulation, relative
+    error about 3e-3 against float64) unless `tinykern.backend(..., exact=True)`. At conv sizes the GEMM is
     compute-bound, and an unfold into the matmul would also build the [N*H*W, C*kh*kw] patch
     matrix (no measured comparison is kept in bench/results/)."""
     compute = torch.bfloat16 if _bf16_conv(x) else x.dtype
@@ -40,13 +40,13 @@ def conv2d(dequantize, x, w, bias, kernel_size, stride, padding, dilation, group
 def _bf16_conv(x):
     """Whether q4k_conv2d runs x in bf16: the CPU kernels' rule for wide matmuls (the conv
     dequantizes its whole weight either way, and bf16 halves that)."""
-    return x.device.type == "cpu" and x.dtype != torch.float16 and not backends.exact() and _amx_bf16()
+    return x.device.type == "cpu" and x.dtype != torch.float16 and not backends.exact() and _bf16_gemm()
 
 
 @torch.compiler.assume_constant_result
-def _amx_bf16():
+def _bf16_gemm():
     # torch.compile takes the answer at trace time (TINYKERN_CPU_SIMD is read on each eager call).
-    return _ext.runtime_info()["simd"] == "avx512+amx"
+    return _ext.runtime_info()["bf16_gemm"]
 
 
 def _register_fakes():
