@@ -1,6 +1,9 @@
 import contextlib
+import ctypes
+import functools
 import os
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -56,3 +59,35 @@ def refused(capsys, *argv):
 def gen():
     """A seeded CPU generator: fresh random data per test, reproducible across runs."""
     return torch.Generator().manual_seed(1234)
+
+
+@functools.lru_cache(maxsize=None)
+def _libggml_base():
+    """libggml-base.so of the libggml-python wheel (the `test` extra), or why it is not there."""
+    try:
+        import libggml
+    except ImportError as e:
+        return f"libggml-python is not installed ({e})"
+    try:
+        return ctypes.CDLL(os.path.join(libggml.__path__[0], "lib64", "libggml-base.so"))
+    except OSError as e:
+        return f"libggml-python's libggml-base.so does not load ({e})"
+
+
+def ggml_reference_quantize(fmt, x):
+    """x (a float tensor or array [..., K], K whole blocks of `fmt`, a tinykern.formats record)
+    as libggml's reference quantizer quantize_row_<type>_ref packs it: uint8 tensor
+    [..., K/block*block_bytes]. Skips the test where libggml-python is missing."""
+    from gguf import GGMLQuantizationType
+
+    base = _libggml_base()
+    if isinstance(base, str):
+        pytest.skip(base)
+    name = GGMLQuantizationType(fmt.ggml_type).name  # "Q4_K": ggml's symbols spell it "q4_K"
+    fn = getattr(base, f"quantize_row_{name[0].lower()}{name[1:]}_ref")  # missing: a wheel without a format we write
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
+    src = x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else x
+    src = np.ascontiguousarray(src, dtype=np.float32)
+    out = np.empty((*src.shape[:-1], src.shape[-1] // fmt.block * fmt.block_bytes), dtype=np.uint8)
+    fn(src.ctypes.data, out.ctypes.data, src.size)  # blocks run along the flat array: rows are whole blocks
+    return torch.from_numpy(out)

@@ -8,17 +8,15 @@
 - errors for unknown types.
 """
 
-import ctypes
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import relative_error
+from conftest import ggml_reference_quantize, relative_error
 from test_format_records import FP16_FIELDS
 
 from tinykern import _ext
-from tinykern.formats import FORMATS
+from tinykern.formats import BY_GGML_TYPE, FORMATS
 
 gguf_quants = pytest.importorskip("gguf.quants")
 
@@ -183,22 +181,8 @@ def test_matmul_empty(ggml_type, gen):
 # ------------------------------------------------------------------------------------- quantize
 
 
-def libggml_base():
-    try:
-        import libggml
-    except ImportError:
-        pytest.skip("libggml-python is not installed")
-    return ctypes.CDLL(os.path.join(libggml.__path__[0], "lib64", "libggml-base.so"))
-
-
 def ggml_quantize(ggml_type, x):
-    name, block, size, _ = TYPES[ggml_type]
-    fn = getattr(libggml_base(), f"quantize_row_{name[:-1] + name[-1].upper() if name.endswith('_k') else name}_ref")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    x = x.contiguous()
-    out = torch.empty(x.numel() // block * size, dtype=torch.uint8)
-    fn(x.data_ptr(), out.data_ptr(), x.numel())
-    return out.reshape(*x.shape[:-1], -1)
+    return ggml_reference_quantize(BY_GGML_TYPE[ggml_type], x)
 
 
 def quantize_inputs(gen, block):

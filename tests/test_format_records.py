@@ -8,15 +8,12 @@ BYTE_IDENTICAL must give the reference's bytes.
 """
 
 import contextlib
-import ctypes
-import functools
-import os
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, relative_error
+from conftest import DEVICES, ggml_reference_quantize, relative_error
 from gguf import GGMLQuantizationType, quants
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -71,34 +68,6 @@ def on_path(path):
     """The context running quantizers on `path`: "auto" (the default: compiled where built) or
     "torch" (the torch port, what tensors off the CPU get)."""
     return contextlib.nullcontext() if path == "auto" else backends.backend(path)
-
-
-@functools.lru_cache(maxsize=None)
-def _libggml_base():
-    """libggml-base.so of the libggml-python wheel, or the reason it is not there."""
-    try:
-        import libggml
-    except ImportError as e:
-        return f"libggml-python is not installed ({e})"
-    try:
-        return ctypes.CDLL(os.path.join(libggml.__path__[0], "lib64", "libggml-base.so"))
-    except OSError as e:
-        return f"libggml-python's libggml-base.so does not load ({e})"
-
-
-def reference_quantize(fmt, x):
-    """x float32 [n, K] quantized by libggml's quantize_row_<type>_ref: uint8 [n, K/block*bytes].
-    Skips the test if libggml is not importable."""
-    base = _libggml_base()
-    if isinstance(base, str):
-        pytest.skip(base)
-    symbol = "quantize_row_" + GGMLQuantizationType(fmt.ggml_type).name.lower().replace("_k", "_K") + "_ref"
-    fn = getattr(base, symbol)  # an AttributeError here means the wheel lacks a format we write
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    src = np.ascontiguousarray(x.detach().cpu().float().numpy())
-    out = np.empty(src.size // fmt.block * fmt.block_bytes, dtype=np.uint8)
-    fn(src.ctypes.data, out.ctypes.data, src.size)
-    return torch.from_numpy(out).reshape(x.shape[0], -1)
 
 
 # --- test data -------------------------------------------------------------------------------
@@ -195,7 +164,7 @@ def test_quantize_error_against_reference(gen, fmt, dist, path):
     (the compiled quantizer where there is one) and the torch one; the reference's bytes where
     the format claims them."""
     x = DISTRIBUTIONS[dist](gen, (64, K))
-    reference = reference_quantize(fmt, x)
+    reference = ggml_reference_quantize(fmt, x)
     with on_path(path):
         blocks = fmt.quantize(x)
     ours = relative_error(fmt.dequantize(blocks), x)
@@ -221,7 +190,7 @@ def test_quantize_edge_blocks_match_reference(fmt):
         # Zeros of both signs as the minimum: the reference keeps the first one's sign.
         torch.tensor([0.0, -0.0] * 15 + [1.0, 2.0]), torch.tensor([-0.0, 0.0] * 15 + [1.0, 2.0]),
     ])
-    reference = reference_quantize(fmt, x)
+    reference = ggml_reference_quantize(fmt, x)
     for path in ("auto", "torch"):
         with on_path(path):
             assert torch.equal(fmt.quantize(x), reference), path
@@ -290,7 +259,7 @@ def test_affine_formats_check_each_block_against_fp16(fmt):
     _raises_naming(fmt, torch.full((1, 32), 2 * fp16_max))
     nmax = 15 if fmt.name == "q4_1" else 31
     wide = torch.linspace(0, nmax * fp16_max, 32)[None]
-    assert torch.equal(fmt.quantize(wide), reference_quantize(fmt, wide))
+    assert torch.equal(fmt.quantize(wide), ggml_reference_quantize(fmt, wide))
     _raises_naming(fmt, torch.linspace(-fp16_max, nmax * fp16_max, 32)[None])
 
 
@@ -299,5 +268,5 @@ def test_symmetric_formats_hold_their_max_abs(fmt):
     bits_ = 4 if fmt.name == "q4_0" else 5
     edge = legacy.symmetric_max_abs(bits_)
     w = torch.linspace(-edge, edge, 32)[None]
-    assert torch.equal(fmt.quantize(w), reference_quantize(fmt, w))
+    assert torch.equal(fmt.quantize(w), ggml_reference_quantize(fmt, w))
     _raises_naming(fmt, w * 1.001)

@@ -3,14 +3,14 @@ tensor whose rows are not whole 256-element blocks stored as [n/256, 256], its t
 `comfy.gguf.orig_shape.<name>`), and stable-diffusion.cpp's whole-model files. Quantized bytes
 come from libggml's C reference quantizers, for every format in FORMATS."""
 
-import ctypes
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+from conftest import ggml_reference_quantize
 
 from tinykern.formats import FORMATS
 from tinykern.io import GGUFTensor, open_gguf, read_gguf, write_gguf
@@ -19,23 +19,8 @@ ORIG = "comfy.gguf.orig_shape."
 
 
 def ggml_quantize(fmt, w):
-    """w float32 [..., K] (K whole blocks) as libggml's reference quantizer packs it, uint8
-    [..., K/block*block_bytes]; skips the test when libggml or its quantizer is missing."""
-    libggml = pytest.importorskip("libggml")
-    try:
-        lib = ctypes.CDLL(os.path.join(libggml.__path__[0], "lib64", "libggml-base.so"))
-    except OSError as e:
-        pytest.skip(f"libggml-base.so does not load ({e})")
-    name = GGMLQuantizationType(fmt.ggml_type).name  # "Q4_K": ggml's symbols spell it "q4_K"
-    symbol = f"quantize_row_{name[0].lower()}{name[1:]}_ref"
-    fn = getattr(lib, symbol, None)
-    if fn is None:
-        pytest.skip(f"libggml {getattr(libggml, '__version__', '?')} has no {symbol}")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    w = np.ascontiguousarray(w, dtype=np.float32)
-    out = np.empty((*w.shape[:-1], w.shape[-1] // fmt.block * fmt.block_bytes), np.uint8)
-    fn(w.ctypes.data, out.ctypes.data, w.size)  # blocks run along the flat array: rows are whole blocks
-    return out
+    """w float32 [..., K] (K whole blocks) as libggml's reference quantizer packs it (numpy)."""
+    return ggml_reference_quantize(fmt, w).numpy()
 
 
 def write_file(path, tensors, arch="sd1", metadata=()):

@@ -7,14 +7,10 @@ distributions) live in test_format_records.py.
 """
 
 import contextlib
-import ctypes
-import functools
-import os
 
-import numpy as np
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, ggml_reference_quantize
 
 from tinykern import _ext, backends
 from tinykern.formats import q2_k, q3_k, q5_k, q6_k
@@ -31,31 +27,9 @@ def on_path(path):
     return contextlib.nullcontext() if path == "auto" else backends.backend(path)
 
 
-@functools.lru_cache(maxsize=None)
-def _libggml_base():
-    try:
-        import libggml
-    except ImportError as e:
-        return f"libggml-python is not installed ({e})"
-    try:
-        return ctypes.CDLL(os.path.join(libggml.__path__[0], "lib64", "libggml-base.so"))
-    except OSError as e:
-        return f"libggml-python's libggml-base.so does not load ({e})"
-
-
 def reference(fmt, x):
-    """x float32 [n, K] quantized by libggml's quantize_row_<type>_ref, as a uint8 tensor
-    [n, K/256*bytes]; skips the test where libggml is missing."""
-    base = _libggml_base()
-    if isinstance(base, str):
-        pytest.skip(base)
-    fn = getattr(base, f"quantize_row_{fmt[:2]}_K_ref")
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    fn.restype = None
-    x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
-    out = np.zeros(x.size // 256 * MODULES[fmt].BLOCK_BYTES, dtype=np.uint8)
-    fn(x.ctypes.data, out.ctypes.data, x.size)
-    return torch.from_numpy(out.reshape(x.shape[0], -1))
+    """x float32 [n, K] quantized by libggml's quantize_row_<type>_ref, uint8 [n, K/256*bytes]."""
+    return ggml_reference_quantize(MODULES[fmt].FORMAT, x)
 
 
 def assert_same_bytes(fmt, x):

@@ -19,6 +19,20 @@ namespace {
 
 constexpr int64_t kGemvMaxRows = 16;
 
+// Elements gk .. gk+7 of row i of x [m, k] as fp32 in v, zero past m and k; eight at a time
+// where `vec` (k % 8 == 0, x 16-byte aligned) and the group lies inside the row.
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* __restrict__ x, int64_t i, int64_t m, int64_t k, int64_t gk, bool vec,
+                                        float v[8]) {
+  if (i < m && vec && gk + 8 <= k) {
+    load4(x + i * k + gk, v);
+    load4(x + i * k + gk + 4, v + 4);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = (i < m && gk + e < k) ? to_float(x[i * k + gk + e]) : 0.f;
+  }
+}
+
 // One thread per group of eight weights.
 template <class F, typename T>
 __global__ void block_dequantize_kernel(const uint8_t* __restrict__ blocks, T* __restrict__ out, int64_t groups) {
@@ -60,13 +74,7 @@ __global__ void __launch_bounds__(256, 2) block_gemv_kernel(const T* __restrict_
       const int i = idx / (KC / 8), c = (idx % (KC / 8)) * 8;
       const int64_t gk = k0 + c;
       float v[8];
-      if (i < m && vec && gk + 8 <= k) {
-        load4(x + i * k + gk, v);
-        load4(x + i * k + gk + 4, v + 4);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = (i < m && gk + e < k) ? to_float(x[i * k + gk + e]) : 0.f;
-      }
+      load_x8(x, i, m, k, gk, vec, v);
       store8(xs + i * KC + c, v);
     }
     __syncthreads();
@@ -175,13 +183,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) block_mma_kernel(const T* __r
       const int r = idx / (kTileK / 8), c = (idx % (kTileK / 8)) * 8;
       const int64_t gm = m0 + r, gk = k0 + c;
       float v[8];
-      if (gm < m && vec && gk + 8 <= k) {
-        load4(x + gm * k + gk, v);
-        load4(x + gm * k + gk + 4, v + 4);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] = (gm < m && gk + e < k) ? to_float(x[gm * k + gk + e]) : 0.f;
-      }
+      load_x8(x, gm, m, k, gk, vec, v);
       store8_compute(xs + r * LD + c, v);
     }
     for (int idx = tid; idx < kTileN * kTileK / 8; idx += kTileThreads) {

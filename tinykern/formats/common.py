@@ -47,6 +47,25 @@ def native_quantize(op, x, *args):
     return getattr(torch.ops.tinykern, op)(x.contiguous(), *args)
 
 
+def quantize_blocks(w, name, fmt, low, high, ggml_type, block, block_bytes, torch_quantizer, chunk):
+    """w [..., K] (K a multiple of `block`) quantized to `fmt` blocks, uint8 [..., K/block*block_bytes]:
+    checked (ValueError naming `name` for a row length that is not whole blocks, NaN, Inf or a
+    value outside [low, high]), then the compiled block_quantize for `ggml_type` where it runs
+    (native_quantize), else `torch_quantizer` ([n, block] float32 -> [n, block_bytes] uint8) over
+    `chunk` blocks at a time, which keeps its temporaries in cache."""
+    if w.shape[-1] % block:
+        raise ValueError(f"{name}: {fmt} needs rows that are a multiple of {block}, got shape {list(w.shape)}")
+    x = float32_in_range(w, name, fmt, low, high).reshape(-1, block)
+    shape = (*w.shape[:-1], w.shape[-1] // block * block_bytes)
+    out = native_quantize("block_quantize", x, ggml_type)
+    if out is not None:
+        return out.reshape(shape)
+    out = torch.empty(x.shape[0], block_bytes, dtype=torch.uint8, device=w.device)
+    for start in range(0, x.shape[0], chunk):
+        out[start:start + chunk] = torch_quantizer(x[start:start + chunk])
+    return out.reshape(shape)
+
+
 def round_to_fp16(x):
     """x rounded to the nearest fp16, back in float32 (how the formats store scales)."""
     return x.to(torch.float16).float()

@@ -31,12 +31,12 @@ def affine_range(bits):
     return -FP16_MAX, (1 << bits) * FP16_MAX
 
 
-def quantize_symmetric(w, name, fmt, bits):
+def quantize_symmetric(w, name, fmt, bits, ggml_type):
     """w [..., K] -> Q4_0 (bits=4) or Q5_0 (bits=5) blocks uint8 [..., K/32*bytes], the bytes of
     ggml's reference quantizer."""
     max_abs = symmetric_max_abs(bits)
     x = _blocks_of(w, name, fmt, -max_abs, max_abs)
-    native = native_quantize("block_quantize", x, _ggml_type(fmt))
+    native = native_quantize("block_quantize", x, ggml_type)
     if native is not None:
         return native.reshape(*w.shape[:-1], -1)
     levels = 1 << bits
@@ -50,7 +50,7 @@ def quantize_symmetric(w, name, fmt, bits):
     return _pack(w, [fp16_bytes(d)], q, bits)
 
 
-def quantize_affine(w, name, fmt, bits):
+def quantize_affine(w, name, fmt, bits, ggml_type):
     """w [..., K] -> Q4_1 (bits=4) or Q5_1 (bits=5) blocks uint8 [..., K/32*bytes], the bytes of
     ggml's reference quantizer. Raises ValueError naming `name` for a block whose minimum or
     (max - min)/(2^bits - 1) overflows fp16."""
@@ -62,7 +62,7 @@ def quantize_affine(w, name, fmt, bits):
     low = x.gather(1, first[:, None])[:, 0]
     d = (high - low) / nmax
     _check_fp16(w, name, fmt, nmax, low, high, d)
-    native = native_quantize("block_quantize", x, _ggml_type(fmt))
+    native = native_quantize("block_quantize", x, ggml_type)
     if native is not None:
         return native.reshape(*w.shape[:-1], -1)
     q = _codes((x - low[:, None]) * _inverse(d)[:, None] + 0.5, nmax + 1)
@@ -86,13 +86,6 @@ def dequantize_affine(blocks, dtype, bits):
     q = _unpack(b[:, 4:], bits).float()
     # As the reference: the exact product, then one rounding in the add.
     return _shaped(blocks, d[:, None] * q + m[:, None], dtype, bits, True)
-
-
-def _ggml_type(fmt):
-    """The GGML type id of format `fmt` ("Q4_0"), from its record: the compiled quantizer's key."""
-    from tinykern.formats import FORMATS  # the records import this module
-
-    return FORMATS[fmt.lower()].ggml_type
 
 
 def _blocks_of(w, name, fmt, low, high):

@@ -6,6 +6,7 @@ import torch
 from tinykern.formats import legacy
 from tinykern.formats.record import Format
 
+GGML_TYPE = 2
 BLOCK = legacy.BLOCK
 BLOCK_BYTES = 18
 # d = max/-8 must stay a finite fp16.
@@ -17,7 +18,7 @@ def quantize(w, name="weight"):
     byte as ggml's quantize_row_q4_0_ref (d = max/-8 with max the signed value of largest
     magnitude; codes truncated from x/d + 8.5), in torch on w's device.
     Raises ValueError naming `name` if w holds NaN, Inf or a magnitude above MAX_ABS."""
-    return legacy.quantize_symmetric(w, name, "Q4_0", 4)
+    return legacy.quantize_symmetric(w, name, "Q4_0", 4, GGML_TYPE)
 
 
 def dequantize(blocks, dtype=torch.float32):
@@ -25,5 +26,5 @@ def dequantize(blocks, dtype=torch.float32):
     return legacy.dequantize_symmetric(blocks, dtype, 4)
 
 
-FORMAT = Format(name="q4_0", ggml_type=2, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q4_0", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

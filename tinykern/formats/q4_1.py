@@ -6,6 +6,7 @@ import torch
 from tinykern.formats import legacy
 from tinykern.formats.record import Format
 
+GGML_TYPE = 3
 BLOCK = legacy.BLOCK
 BLOCK_BYTES = 20
 # Every weight must lie in [LOWEST, HIGHEST], and each block's minimum and (max - min)/15 must
@@ -19,7 +20,7 @@ def quantize(w, name="weight"):
     (x - m)/d + 0.5), in torch on w's device.
     Raises ValueError naming `name` if w holds NaN, Inf, a weight outside [LOWEST, HIGHEST] or a
     block whose minimum or (max - min)/15 overflows fp16."""
-    return legacy.quantize_affine(w, name, "Q4_1", 4)
+    return legacy.quantize_affine(w, name, "Q4_1", 4, GGML_TYPE)
 
 
 def dequantize(blocks, dtype=torch.float32):
@@ -27,5 +28,5 @@ def dequantize(blocks, dtype=torch.float32):
     return legacy.dequantize_affine(blocks, dtype, 4)
 
 
-FORMAT = Format(name="q4_1", ggml_type=3, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q4_1", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

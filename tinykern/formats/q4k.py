@@ -7,18 +7,12 @@ for eight 32-weight sub-blocks, 128 bytes of 4-bit codes. A row of K weights (K 
 
 import torch
 
-from tinykern.formats.common import (
-    FP16_MAX,
-    float32_in_range,
-    fp16_bytes,
-    fp16_from_bytes,
-    native_quantize,
-    round_to_fp16,
-)
+from tinykern.formats.common import FP16_MAX, fp16_bytes, fp16_from_bytes, quantize_blocks, round_to_fp16
 from tinykern.formats.record import Format
 
 BLOCK = 256
 BLOCK_BYTES = 144
+GGML_TYPE = 12
 SUB = 32  # weights per sub-block
 NMAX = 15
 # The range a block can hold: down to -dmin*63 (the largest min), up to d*63*15 with min 0.
@@ -40,16 +34,7 @@ def quantize(w, name="weight"):
     vectorized on w's device, within 1% of the reference's error. Raises ValueError naming `name` if w holds NaN, Inf or values outside
     [LOWEST, HIGHEST].
     """
-    if w.shape[-1] % BLOCK:
-        raise ValueError(f"{name}: Q4_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
-    x = float32_in_range(w, name, "Q4_K", LOWEST, HIGHEST).reshape(-1, BLOCK)
-    out = native_quantize("q4k_quantize", x)
-    if out is not None:
-        return out.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
-    out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
-    for start in range(0, x.shape[0], _CHUNK):
-        out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
-    return out.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
+    return quantize_blocks(w, name, "Q4_K", LOWEST, HIGHEST, GGML_TYPE, BLOCK, BLOCK_BYTES, _quantize_blocks, _CHUNK)
 
 
 def dequantize(blocks, dtype=torch.float32):
@@ -193,5 +178,5 @@ def _exact_constants(x, d, dmin, sc, m, q):
     return d, dmin, sc, m, q
 
 
-FORMAT = Format(name="q4_k", ggml_type=12, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q4_k", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize, op_prefix="q4k", linear="Q4Linear", conv="Q4Conv2d")

@@ -6,6 +6,7 @@ import torch
 from tinykern.formats import legacy
 from tinykern.formats.record import Format
 
+GGML_TYPE = 6
 BLOCK = legacy.BLOCK
 BLOCK_BYTES = 22
 # d = max/-16 must stay a finite fp16.
@@ -17,7 +18,7 @@ def quantize(w, name="weight"):
     byte as ggml's quantize_row_q5_0_ref (d = max/-16 with max the signed value of largest
     magnitude; codes truncated from x/d + 16.5), in torch on w's device.
     Raises ValueError naming `name` if w holds NaN, Inf or a magnitude above MAX_ABS."""
-    return legacy.quantize_symmetric(w, name, "Q5_0", 5)
+    return legacy.quantize_symmetric(w, name, "Q5_0", 5, GGML_TYPE)
 
 
 def dequantize(blocks, dtype=torch.float32):
@@ -25,5 +26,5 @@ def dequantize(blocks, dtype=torch.float32):
     return legacy.dequantize_symmetric(blocks, dtype, 5)
 
 
-FORMAT = Format(name="q5_0", ggml_type=6, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
+FORMAT = Format(name="q5_0", ggml_type=GGML_TYPE, block=BLOCK, block_bytes=BLOCK_BYTES, quantize=quantize,
                 dequantize=dequantize)

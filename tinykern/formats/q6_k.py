@@ -7,8 +7,7 @@ scales for sixteen 16-weight sub-blocks, fp16 d. A weight is d * scale * (code -
 import torch
 
 from tinykern.formats import kquants
-from tinykern.formats.common import (FP16_MAX, float32_in_range, fp16_bytes, fp16_from_bytes, native_quantize,
-                                     round_to_fp16)
+from tinykern.formats.common import FP16_MAX, fp16_bytes, fp16_from_bytes, quantize_blocks, round_to_fp16
 from tinykern.formats.record import Format
 
 GGML_TYPE = 14
@@ -29,16 +28,7 @@ def quantize(w, name="weight"):
     bytes; `with tinykern.backend("torch")` forces this one). Raises ValueError naming `name` if w
     holds NaN, Inf or a magnitude above MAX_ABS.
     """
-    if w.shape[-1] % BLOCK:
-        raise ValueError(f"{name}: Q6_K needs rows that are a multiple of {BLOCK}, got shape {list(w.shape)}")
-    x = float32_in_range(w, name, "Q6_K", -MAX_ABS, MAX_ABS).reshape(-1, BLOCK)
-    native = native_quantize("block_quantize", x, GGML_TYPE)  # the same bytes, compiled
-    if native is not None:
-        return native.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
-    out = torch.empty(x.shape[0], BLOCK_BYTES, dtype=torch.uint8, device=w.device)
-    for start in range(0, x.shape[0], _CHUNK):
-        out[start:start + _CHUNK] = _quantize_blocks(x[start:start + _CHUNK])
-    return out.reshape(*w.shape[:-1], w.shape[-1] // BLOCK * BLOCK_BYTES)
+    return quantize_blocks(w, name, "Q6_K", -MAX_ABS, MAX_ABS, GGML_TYPE, BLOCK, BLOCK_BYTES, _quantize_blocks, _CHUNK)
 
 
 def dequantize(blocks, dtype=torch.float32):

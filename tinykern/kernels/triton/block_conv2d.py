@@ -21,9 +21,9 @@ import triton
 import triton.language as tl
 
 from tinykern import backends
-from tinykern.kernels.triton.block_matmul import op_name
+from tinykern.kernels.triton.block_matmul import decoder, op_name
 from tinykern.kernels.triton.decode import DECODERS
-from tinykern.kernels.triton.q4k_conv2d import _x_tile
+from tinykern.kernels.triton.q4k_conv2d import _x_tile, conv_output
 from tinykern.kernels.triton.q4k_matmul import dot_precision, kernel_input, wide_configs
 from tinykern.kernels.triton.tiles import grouped_tile
 
@@ -83,36 +83,13 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, H, W, Ho, Wo,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _decoder(fmt):
-    if fmt not in DECODERS:
-        raise ValueError(f"no Triton decoder for format {fmt!r}; expected one of {list(DECODERS)}")
-    return DECODERS[fmt]
-
-
-def _output(fmt, x, w, kernel_size, stride, padding, dilation, groups):
-    """The empty output: [B, out, Ho, Wo], channels_last when x is."""
-    op = op_name(fmt, "conv2d")
-    if groups != 1:
-        raise ValueError(f"{op}: the triton backend supports groups=1 only, got groups={groups} "
-                         "(the torch backend runs grouped convs)")
-    B, _, H, W = x.shape
-    Ho, Wo = ((size + 2 * p - d * (k - 1) - 1) // s + 1
-              for size, k, s, p, d in zip((H, W), kernel_size, stride, padding, dilation))
-    if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"{op}: input {list(x.shape)} is smaller than the {tuple(kernel_size)} kernel "
-                         f"(padding {tuple(padding)}, dilation {tuple(dilation)})")
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    mf = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.empty((B, w.shape[0], Ho, Wo), dtype=x.dtype, device=x.device, memory_format=mf)
-
-
 @torch.library.custom_op("tinykern::block_conv2d_triton", mutates_args=())
 def _conv2d_op(fmt: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: list[int],
                stride: list[int], padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    dec = _decoder(fmt)
+    dec = decoder(fmt)[1]
     x_in = x
     x = kernel_input(x)
-    out = _output(fmt, x, w, kernel_size, stride, padding, dilation, groups)
+    out = conv_output(op_name(fmt, "conv2d"), x, w, kernel_size, stride, padding, dilation, groups)
     if out.numel() == 0:
         return out.to(x_in.dtype)
     B, C, H, W = x.shape
@@ -135,8 +112,8 @@ def _conv2d_op(fmt: str, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.
 
 @_conv2d_op.register_fake
 def _(fmt, x, w, bias, kernel_size, stride, padding, dilation, groups):
-    _decoder(fmt)
-    return _output(fmt, x, w, kernel_size, stride, padding, dilation, groups)
+    decoder(fmt)
+    return conv_output(op_name(fmt, "conv2d"), x, w, kernel_size, stride, padding, dilation, groups)
 
 
 def block_conv2d_triton(fmt, x, w, bias, kernel_size, stride, padding, dilation, groups):

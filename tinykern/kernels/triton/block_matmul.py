@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tinykern import backends
+from tinykern.formats import FORMATS
 from tinykern.kernels.triton.decode import DECODERS
 from tinykern.kernels.triton.q4k_matmul import matmul_launch, wide_configs
 from tinykern.kernels.triton.tiles import grouped_tile
@@ -140,7 +141,8 @@ class _WithMeta:
         return functools.partial(self.kernel[grid], **self.meta)
 
 
-def _decoder(fmt):
+def decoder(fmt):
+    """(name, DECODERS entry) of format `fmt`, a DECODERS name or a tinykern.formats record."""
     name = fmt if isinstance(fmt, str) else fmt.name
     if name not in DECODERS:
         raise ValueError(f"no Triton decoder for format {name!r}; expected one of {list(DECODERS)}")
@@ -154,7 +156,7 @@ def skinny_step(block_m):
 
 
 def _matmul(fmt, x, w, bias):
-    _, dec = _decoder(fmt)
+    _, dec = decoder(fmt)
     if x.stride(-1) != 1:  # the kernels step along K by address
         x = x.contiguous()
     M, K = x.shape
@@ -169,7 +171,7 @@ def _matmul(fmt, x, w, bias):
 
 
 def _dequantize(fmt, blocks, dtype):
-    _, dec = _decoder(fmt)
+    _, dec = decoder(fmt)
     nb = blocks.shape[-1] // dec.block_bytes
     blocks = blocks.contiguous()
     # The interpreter's fp32->bf16 cast truncates: there, round once in torch.
@@ -201,29 +203,25 @@ def _dequantize_op(fmt: str, blocks: torch.Tensor, dtype: torch.dtype) -> torch.
 
 @_dequantize_op.register_fake
 def _(fmt, blocks, dtype):
-    _, dec = _decoder(fmt)
+    _, dec = decoder(fmt)
     return blocks.new_empty((*blocks.shape[:-1], blocks.shape[-1] // dec.block_bytes * dec.block), dtype=dtype)
 
 
 def block_matmul_triton(fmt, x, w, bias=None):
     """x [M, K] @ dequant(w [N, nb*block_bytes]).T (+ bias [N]) -> [M, N] in x.dtype, K <=
     nb*block; fmt a DECODERS name or a tinykern.formats record."""
-    return _matmul_op(_decoder(fmt)[0], x, w, bias)
+    return _matmul_op(decoder(fmt)[0], x, w, bias)
 
 
 def block_dequantize_triton(fmt, blocks, dtype=torch.float32):
     """Blocks uint8 [..., nb*block_bytes] -> [..., nb*block] in dtype (computed in fp32 as
     gguf-py does, then rounded once)."""
-    return _dequantize_op(_decoder(fmt)[0], blocks, dtype)
+    return _dequantize_op(decoder(fmt)[0], blocks, dtype)
 
 
 def op_name(name, kind):
-    """The registry's name of format `name`'s `kind` op: its record's where it has one (e.g.
-    "q4k_matmul"), else f"{name}_{kind}"."""
-    from tinykern.formats import FORMATS
-
-    fmt = FORMATS.get(name)
-    return fmt.op(kind) if fmt is not None else f"{name}_{kind}"
+    """The registry's name of format `name`'s `kind` op (e.g. "q4k_matmul")."""
+    return FORMATS[name].op(kind)
 
 
 for _name in DECODERS:

@@ -73,16 +73,16 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, H, W, Ho, Wo,
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _output(x, w, kernel_size, stride, padding, dilation, groups):
-    """The empty output: [B, out, Ho, Wo], channels_last when x is."""
+def conv_output(op, x, w, kernel_size, stride, padding, dilation, groups):
+    """The empty output of `op`: [B, out, Ho, Wo], channels_last when x is."""
     if groups != 1:
-        raise ValueError(f"q4k_conv2d: the triton backend supports groups=1 only, got groups={groups} "
+        raise ValueError(f"{op}: the triton backend supports groups=1 only, got groups={groups} "
                          "(the torch backend runs grouped convs)")
     B, _, H, W = x.shape
     Ho, Wo = ((size + 2 * p - d * (k - 1) - 1) // s + 1
               for size, k, s, p, d in zip((H, W), kernel_size, stride, padding, dilation))
     if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"q4k_conv2d: input {list(x.shape)} is smaller than the {tuple(kernel_size)} kernel "
+        raise ValueError(f"{op}: input {list(x.shape)} is smaller than the {tuple(kernel_size)} kernel "
                          f"(padding {tuple(padding)}, dilation {tuple(dilation)})")
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -95,7 +95,7 @@ def q4k_conv2d_triton(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
     """conv2d(x [B, C, H, W], dequant(w [out, nb*144]) as [out, C, kh, kw]) (+ bias [out])."""
     x_in = x
     x = kernel_input(x)
-    out = _output(x, w, kernel_size, stride, padding, dilation, groups)
+    out = conv_output("q4k_conv2d", x, w, kernel_size, stride, padding, dilation, groups)
     if out.numel() == 0:
         return out.to(x_in.dtype)
     B, C, H, W = x.shape
@@ -115,7 +115,7 @@ def q4k_conv2d_triton(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Ten
 
 @q4k_conv2d_triton.register_fake
 def _(x, w, bias, kernel_size, stride, padding, dilation, groups):
-    return _output(x, w, kernel_size, stride, padding, dilation, groups)
+    return conv_output("q4k_conv2d", x, w, kernel_size, stride, padding, dilation, groups)
 
 
 backends.register("q4k_conv2d", "triton")(q4k_conv2d_triton)
